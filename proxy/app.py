@@ -1,0 +1,180 @@
+"""Assemble and run the proxy: settings in, threads out, never a flush on the way out.
+
+Threads (all daemons, started here, stopped by `Proxy.stop`):
+
+- one reflector per watched resource (Services, EndpointSlices, this Node), each
+  listing then watching and calling its handler on its own thread;
+- the sync runner, the only thread that calls the backend;
+- the metrics and health HTTP servers.
+
+The main thread only waits for SIGTERM/SIGINT. Stopping stops the threads and leaves
+the kernel exactly as the last successful sync left it (kube-proxy's promise: a
+restart or upgrade keeps traffic flowing).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+from proxy.backends.base import Backend, BackendConfig, available, create
+from proxy.changes import ChangeTracker
+from proxy.config import Settings
+from proxy.handlers import NodeHandler, ServiceHandler, SliceHandler
+from proxy.health import ProxyHealth
+from proxy.kube.client import ENDPOINTSLICES, NODES, SERVICES, RawApi, load_api_config
+from proxy.kube.reflector import Reflector
+from proxy.metrics import ProxyMetrics
+from proxy.model import NodeContext, NodeInfo
+from proxy.parse import PROXY_LABEL_SELECTOR
+from proxy.proxier import Proxier
+from proxy.runner import BoundedFrequencyRunner
+
+log = logging.getLogger("proxy")
+
+
+def cleanup(settings: Settings) -> int:
+    """`--cleanup`: remove everything every backend owns; exit 0 also when nothing was there."""
+    removed = False
+    for name in available():
+        backend = create(name, BackendConfig(masquerade_bit=settings.masquerade_bit))
+        removed = backend.cleanup() or removed
+    log.info("cleanup done: %s", "rules removed" if removed else "nothing to remove")
+    return 0
+
+
+@dataclass
+class Proxy:
+    """A running proxy: the pieces, kept for tests and the lab."""
+
+    settings: Settings
+    backend: Backend
+    metrics: ProxyMetrics
+    health: ProxyHealth
+    tracker: ChangeTracker
+    proxier: Proxier
+    runner: BoundedFrequencyRunner
+    reflectors: list[Reflector] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def stop(self) -> None:
+        """Stop every thread; the kernel keeps the last synced rules."""
+        self.stopping.set()
+        for reflector in self.reflectors:
+            reflector.stop()
+        self.runner.stop(timeout=10)
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+
+def start(settings: Settings) -> Proxy:
+    """Build every piece and start the threads; returns once the servers listen."""
+    backend = create(settings.proxy_mode, BackendConfig(masquerade_bit=settings.masquerade_bit))
+    metrics = ProxyMetrics()
+    health = ProxyHealth(timeout=2 * settings.sync_period, metrics=metrics)
+    metrics.serve(settings.metrics_bind_address)
+    health.serve(settings.healthz_bind_address)
+
+    def queued() -> None:
+        health.queued_update()
+        metrics.set_last_queued_timestamp(time.time())
+        runner.request()
+
+    tracker = ChangeTracker(on_queued=queued)
+    node = NodeContext(
+        node_name=settings.node_name,
+        node_ips=(),
+        cluster_cidrs=settings.cluster_cidrs,
+        masquerade_all=settings.masquerade_all,
+        nodeport_addresses=settings.nodeport_addresses,
+    )
+    runner_ref: list[BoundedFrequencyRunner] = []
+    proxier = Proxier(
+        backend=backend,
+        tracker=tracker,
+        node=node,
+        metrics=metrics,
+        health=health,
+        request_retry=lambda delay: runner_ref[0].retry(delay),
+        min_retry=max(settings.min_sync_period, 1.0),
+        max_retry=settings.sync_period,
+    )
+    runner = BoundedFrequencyRunner(
+        proxier.sync,
+        min_interval=settings.min_sync_period,
+        max_interval=settings.sync_period,
+    )
+    runner_ref.append(runner)
+
+    def services_synced() -> None:
+        proxier.services_synced()
+        runner.request()
+
+    def slices_synced() -> None:
+        proxier.slices_synced()
+        runner.request()
+
+    def node_changed(info: NodeInfo) -> None:
+        health.sync_node(info.eligible)
+        proxier.set_node(info)
+
+    api = RawApi(load_api_config(settings.kubeconfig, settings.master))
+    proxy = Proxy(settings, backend, metrics, health, tracker, proxier, runner)
+    count_bad = metrics.count_skipped
+    proxy.reflectors = [
+        Reflector(
+            api,
+            SERVICES,
+            ServiceHandler(tracker, services_synced, count_bad),
+            label_selector=PROXY_LABEL_SELECTOR,
+        ),
+        Reflector(
+            api,
+            ENDPOINTSLICES,
+            SliceHandler(tracker, slices_synced, count_bad),
+            label_selector=PROXY_LABEL_SELECTOR,
+        ),
+        Reflector(
+            api,
+            NODES,
+            NodeHandler(node_changed),
+            field_selector=f"metadata.name={settings.node_name}",
+        ),
+    ]
+    runner.start()
+    for reflector in proxy.reflectors:
+        thread = threading.Thread(
+            target=reflector.run, args=(proxy.stopping,), name=f"watch-{reflector.name}", daemon=True
+        )
+        thread.start()
+        proxy.threads.append(thread)
+    log.info(
+        "proxy started: node %s, mode %s, backend %s",
+        settings.node_name,
+        settings.proxy_mode,
+        backend.name,
+    )
+    return proxy
+
+
+def run(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT; return the process exit code."""
+    if settings.cleanup:
+        return cleanup(settings)
+    proxy = start(settings)
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping (rules stay in place)", signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    done.wait()
+    proxy.stop()
+    return 0
