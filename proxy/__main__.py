@@ -11,9 +11,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from proxy import __version__
+from proxy.app import run
 from proxy.backends.base import UnknownBackendError
+from proxy.cli import parse_settings
 from proxy.config import ConfigError
+from proxy.kube.listwatch import ConfigError as KubeConfigError
 
 
 def _configure_logging(verbosity: int) -> None:
@@ -23,30 +25,34 @@ def _configure_logging(verbosity: int) -> None:
         format="%(asctime)s %(levelname).1s %(threadName)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The reflector logs connection failures itself, once, with what it will do next.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from proxy.cli import parse_settings
-
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--version" in args or "--version=true" in args:
-        print(f"kube-proxy-py {__version__}")
-        return 0
+    _configure_logging(verbosity=0)
+    log = logging.getLogger("proxy")
     try:
         settings = parse_settings(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        log.error("%s", err)
         return 1
-    _configure_logging(settings.verbosity)
-    log = logging.getLogger("proxy")
+    if settings.verbosity >= 4:
+        logging.getLogger().setLevel(logging.DEBUG)
     if settings.unsupported_flags:
         log.warning(
-            "accepted but not supported yet (ignored): %s", ", ".join(settings.unsupported_flags)
+            "not supported yet, ignored: %s", ", ".join(settings.unsupported_flags)
         )
-    from proxy.app import run
-
+    if settings.overridden_by_flags:
+        log.info(
+            "flags override the config file for: %s", ", ".join(settings.overridden_by_flags)
+        )
     try:
         return run(settings)
+    except KubeConfigError as err:
+        log.error("%s", err)
+        return 1
     except UnknownBackendError as err:
         log.error("%s", err)
         return 2

@@ -27,6 +27,7 @@ from proxy.config import Settings
 from proxy.handlers import NodeHandler, ServiceHandler, SliceHandler
 from proxy.health import ProxyHealth
 from proxy.kube.client import ENDPOINTSLICES, NODES, SERVICES, RawApi, load_api_config
+from proxy.kube.listwatch import metadata_only
 from proxy.kube.reflector import Reflector
 from proxy.metrics import ProxyMetrics
 from proxy.model import NodeContext, NodeInfo
@@ -70,12 +71,15 @@ class Proxy:
         self.runner.stop(timeout=10)
         for thread in self.threads:
             thread.join(timeout=10)
+        self.metrics.close()
+        self.health.close()
 
 
 def start(settings: Settings) -> Proxy:
     """Build every piece and start the threads; returns once the servers listen."""
     backend = create(settings.proxy_mode, BackendConfig(masquerade_bit=settings.masquerade_bit))
-    metrics = ProxyMetrics()
+    api = RawApi(load_api_config(settings.kubeconfig, settings.master))
+    metrics = ProxyMetrics(backend=backend.name)
     health = ProxyHealth(timeout=2 * settings.sync_period, metrics=metrics)
     metrics.serve(settings.metrics_bind_address)
     health.serve(settings.healthz_bind_address)
@@ -93,23 +97,24 @@ def start(settings: Settings) -> Proxy:
         masquerade_all=settings.masquerade_all,
         nodeport_addresses=settings.nodeport_addresses,
     )
-    runner_ref: list[BoundedFrequencyRunner] = []
+    def sync() -> None:
+        proxier.sync()
+
+    runner = BoundedFrequencyRunner(
+        sync,
+        min_interval=settings.min_sync_period,
+        max_interval=settings.sync_period,
+    )
     proxier = Proxier(
         backend=backend,
         tracker=tracker,
         node=node,
         metrics=metrics,
         health=health,
-        request_retry=lambda delay: runner_ref[0].retry(delay),
+        request_retry=runner.retry,
         min_retry=max(settings.min_sync_period, 1.0),
         max_retry=settings.sync_period,
     )
-    runner = BoundedFrequencyRunner(
-        proxier.sync,
-        min_interval=settings.min_sync_period,
-        max_interval=settings.sync_period,
-    )
-    runner_ref.append(runner)
 
     def services_synced() -> None:
         proxier.services_synced()
@@ -123,7 +128,6 @@ def start(settings: Settings) -> Proxy:
         health.sync_node(info.eligible)
         proxier.set_node(info)
 
-    api = RawApi(load_api_config(settings.kubeconfig, settings.master))
     proxy = Proxy(settings, backend, metrics, health, tracker, proxier, runner)
     count_bad = metrics.count_skipped
     proxy.reflectors = [
@@ -132,12 +136,15 @@ def start(settings: Settings) -> Proxy:
             SERVICES,
             ServiceHandler(tracker, services_synced, count_bad),
             label_selector=PROXY_LABEL_SELECTOR,
+            # Handlers keep parsed values; the reflector's store needs only names.
+            store_transform=metadata_only,
         ),
         Reflector(
             api,
             ENDPOINTSLICES,
             SliceHandler(tracker, slices_synced, count_bad),
             label_selector=PROXY_LABEL_SELECTOR,
+            store_transform=metadata_only,
         ),
         Reflector(
             api,
@@ -146,10 +153,15 @@ def start(settings: Settings) -> Proxy:
             field_selector=f"metadata.name={settings.node_name}",
         ),
     ]
+    # As upstream's SyncLoop: healthy while starting, until a queued change grows old.
+    health.updated()
     runner.start()
     for reflector in proxy.reflectors:
         thread = threading.Thread(
-            target=reflector.run, args=(proxy.stopping,), name=f"watch-{reflector.name}", daemon=True
+            target=reflector.run,
+            args=(proxy.stopping,),
+            name=f"watch-{reflector.name}",
+            daemon=True,
         )
         thread.start()
         proxy.threads.append(thread)

@@ -114,9 +114,7 @@ class NodeHandler:
     def on_delete(self, obj: RawObject) -> None:
         info = parse_node(obj)
         # A deleted Node is as ineligible as one being deleted.
-        self._on_node(
-            NodeInfo(info.name, info.addresses, info.zone, info.labels, eligible=False)
-        )
+        self._on_node(NodeInfo(info.name, info.addresses, info.zone, info.labels, eligible=False))
 
     def on_synced(self) -> None:
         """The Node is not required for syncing: nothing to do."""

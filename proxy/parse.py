@@ -200,7 +200,9 @@ def _parse_ip_list(
     return tuple(result)
 
 
-def _parse_lb_ingress(raw: Mapping[str, Any], key: ServiceKey, problems: Problems) -> tuple[str, ...]:
+def _parse_lb_ingress(
+    raw: Mapping[str, Any], key: ServiceKey, problems: Problems
+) -> tuple[str, ...]:
     ingress = ((raw.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
     usable = [i.get("ip") for i in ingress if i.get("ip") and i.get("ipMode") != "Proxy"]
     return _parse_ip_list(usable, key, "status.loadBalancer.ingress", problems)
@@ -290,9 +292,7 @@ def parse_slice(raw: Mapping[str, Any], problems: Problems = _ignore) -> SliceIn
         family=family,
         ports=tuple(ports),
         endpoints=tuple(endpoints),
-        trigger_time=parse_time(
-            (meta.get("annotations") or {}).get(TRIGGER_TIME_ANNOTATION)
-        ),
+        trigger_time=parse_time((meta.get("annotations") or {}).get(TRIGGER_TIME_ANNOTATION)),
     )
 
 

@@ -16,16 +16,18 @@ service CIDR           198.19.0.0/16       the client routes it via the node
 
 ::
 
-    client ns                 node ns                              pod ns (one per pod)
-    eth0 198.18.0.100 ---- eth0 198.18.0.2
-                              kpv<N> 198.18.64.1/32 ----------- eth0 198.18.64.N/32
-                              route 198.18.64.N/32 dev kpv<N>     route 198.18.64.1 dev eth0 scope link
-                              default via 198.18.0.100            default via 198.18.64.1
+    client ns                node ns                          pod ns (one per pod)
+    eth0 198.18.0.100 --- eth0 198.18.0.2
+                          kpv<N> 198.18.64.1/32 ---------- eth0 198.18.64.N/32
+                          198.18.64.N/32 dev kpv<N>        198.18.64.1 dev eth0 scope link
+                          default via 198.18.0.100         default via 198.18.64.1
 
 Pods are routed, not bridged: every packet a pod sends, even to a pod next door, crosses
 the node's IP stack, so it meets the node's netfilter hooks and conntrack exactly as on a
 Calico node. The node forwards (``ip_forward=1``) with reverse-path filtering off; the
-pod-side and client-side namespaces keep their defaults. ``route_localnet`` is left
+pod-side and client-side namespaces keep their defaults. The node does not rate-limit
+the ICMP errors it sends (``icmp_ratelimit=0``), so a test may probe a REJECT rule
+many times in a row. ``route_localnet`` is left
 alone everywhere.
 
 Names: every namespace is ``<prefix>node``, ``<prefix>client`` or ``<prefix>pod-<name>``
@@ -233,7 +235,7 @@ class Topology:
         self.client_ip = CLIENT_IP
         self.pod_gateway_ip = POD_GATEWAY_IP
         self.pods: dict[str, Pod] = {}
-        self._owner_file = OWNER_DIR / f"{prefix}owner"
+        self.owner_file = OWNER_DIR / f"{prefix}owner"
         self._destroyed = False
 
     @classmethod
@@ -274,7 +276,7 @@ class Topology:
     def _record_owner(self) -> None:
         OWNER_DIR.mkdir(parents=True, exist_ok=True)
         pid = os.getpid()
-        self._owner_file.write_text(f"{pid} {_start_time(pid)}\n")
+        self.owner_file.write_text(f"{pid} {_start_time(pid)}\n")
 
     def _add_namespace(self, netns: str) -> None:
         _check(["ip", "netns", "add", netns])
@@ -290,6 +292,9 @@ class Topology:
                 "net.ipv4.ip_forward": "1",
                 "net.ipv4.conf.all.rp_filter": "0",
                 "net.ipv4.conf.default.rp_filter": "0",
+                # REJECT answers with ICMP; the default rate limit (per peer, burst 6)
+                # would turn a quick series of "refused" into timeouts.
+                "net.ipv4.icmp_ratelimit": "0",
             },
         )
         self._add_namespace(self.client_ns)
@@ -377,7 +382,7 @@ class Topology:
             except TopologyError as err:
                 errors.append(str(err))
         self.pods.clear()
-        self._owner_file.unlink(missing_ok=True)
+        self.owner_file.unlink(missing_ok=True)
         self._destroyed = True
         if errors:
             raise TopologyError("; ".join(errors))

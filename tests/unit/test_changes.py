@@ -19,7 +19,9 @@ KEY = ServiceKey("ns", "web")
 PORT = ServicePort(ServicePortName(KEY, "http", Protocol.TCP), ("198.19.0.10",), 80)
 
 
-def slice_info(name: str, *ips: str, port: int = 8080, ready: bool = True, t: float | None = None) -> SliceInfo:
+def slice_info(
+    name: str, *ips: str, port: int = 8080, ready: bool = True, t: float | None = None
+) -> SliceInfo:
     return SliceInfo(
         namespace="ns",
         name=name,
@@ -53,7 +55,14 @@ def test_named_target_port_resolves_per_slice() -> None:
 
 
 def test_slice_port_must_match_name_and_protocol() -> None:
-    udp = SliceInfo("ns", "u", KEY, IPFamily.V4, (SlicePort("http", 53, Protocol.UDP),), (SliceEndpoint("198.18.64.2", True, True, False),))
+    udp = SliceInfo(
+        "ns",
+        "u",
+        KEY,
+        IPFamily.V4,
+        (SlicePort("http", 53, Protocol.UDP),),
+        (SliceEndpoint("198.18.64.2", True, True, False),),
+    )
     assert merge_endpoints(PORT, [udp], "x") == ()
 
 

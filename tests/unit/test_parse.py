@@ -182,7 +182,9 @@ def test_affinity_and_policies_are_parsed() -> None:
 def test_lb_ingress_skips_proxy_mode() -> None:
     raw = service(type="LoadBalancer")
     raw["status"] = {
-        "loadBalancer": {"ingress": [{"ip": "198.18.200.1"}, {"ip": "198.18.200.2", "ipMode": "Proxy"}]}
+        "loadBalancer": {
+            "ingress": [{"ip": "198.18.200.1"}, {"ip": "198.18.200.2", "ipMode": "Proxy"}]
+        }
     }
     parsed = parse_service(raw)
     assert isinstance(parsed, ServiceInfo)

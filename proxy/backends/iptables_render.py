@@ -1,0 +1,617 @@
+"""Pure rendering of the iptables ruleset: ServicePortState -> iptables-restore text.
+
+Nothing here runs a tool or keeps state between calls: `render_port` turns one
+service port into a `PortRules` chunk (a few pre-joined strings), and
+`render_restore` stitches chunks into one `iptables-restore --noflush` input. The
+backend (`proxy.backends.iptables`) memoises chunks per port, so a partial sync
+renders only the ports that changed and re-joins the rest.
+
+Layout (our own `KPY-` prefix; kube-proxy's `KUBE-*` and everybody else's chains are
+never touched)::
+
+    nat     PREROUTING, OUTPUT -> KPY-SERVICES
+              -d VIP -p P --dport N          -> KPY-SVC-<h>       (per ClusterIP port)
+              last: -m addrtype --dst-type LOCAL -> KPY-NODEPORTS
+            KPY-NODEPORTS: -p P --dport NP   -> KPY-EXT-<h>
+            KPY-EXT-<h>: mark masquerade (Cluster policy), then -> KPY-SVC-<h>
+                         (or -> KPY-SVL-<h> when the external endpoint set differs)
+            KPY-SVC-<h>: masquerade off-cluster sources, then a
+                         `-m statistic --probability 1/n` cascade -> KPY-SEP-<h>
+            KPY-SEP-<h>: hairpin masquerade, DNAT to the endpoint
+            POSTROUTING -> KPY-POSTROUTING: MASQUERADE what KPY-MARK-MASQ marked
+    filter  FORWARD, OUTPUT (ctstate NEW) -> KPY-SERVICES: REJECT ClusterIPs without endpoints
+            INPUT, FORWARD (ctstate NEW)  -> KPY-EXTERNAL-SERVICES: REJECT such NodePorts
+            FORWARD -> KPY-FORWARD: drop INVALID, accept marked and established traffic
+    mangle, nat, filter: KPY-PROXY-CANARY, an empty chain whose absence means someone
+            flushed our rules
+
+Chain names hash like upstream's: base32(sha256("ns/svc:port" + "tcp" [+ "ip:port"]))
+truncated to 16 characters. Rules are written in the order and spelling
+`iptables-save` prints them, so `-C` checks and saved output read the same.
+
+Speed: rendering is string formatting only (10k services x 10 endpoints is measured
+in tests/unit/test_iptables_render.py); every chunk is built as a list of lines and
+joined once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from proxy.model import Endpoint, IPFamily, NodeContext, ServicePortName, ServicePortState
+
+PREFIX = "KPY-"
+SERVICES = "KPY-SERVICES"
+NODEPORTS = "KPY-NODEPORTS"
+EXTERNAL_SERVICES = "KPY-EXTERNAL-SERVICES"
+FORWARD = "KPY-FORWARD"
+POSTROUTING = "KPY-POSTROUTING"
+MARK_MASQ = "KPY-MARK-MASQ"
+MARK_NONCLUSTER = "KPY-MARK-NONCLUSTER"
+"""Marks for masquerade unless the source is in a cluster CIDR (only with several CIDRs)."""
+CANARY = "KPY-PROXY-CANARY"
+
+SVC_PREFIX = "KPY-SVC-"
+SVL_PREFIX = "KPY-SVL-"
+EXT_PREFIX = "KPY-EXT-"
+SEP_PREFIX = "KPY-SEP-"
+
+NAT_TOP_CHAINS = (SERVICES, NODEPORTS)
+"""nat chains rewritten at every sync (they list every service port)."""
+NAT_STATIC_CHAINS = (POSTROUTING, MARK_MASQ, CANARY)
+"""nat chains whose content never depends on services: written on full syncs only."""
+FILTER_TOP_CHAINS = (SERVICES, EXTERNAL_SERVICES)
+FILTER_STATIC_CHAINS = (FORWARD, CANARY)
+MANGLE_CHAINS = (CANARY,)
+
+_NO_ENDPOINTS = "has no endpoints"
+_NO_LOCAL_ENDPOINTS = "has no local endpoints"
+
+
+@dataclass(frozen=True, slots=True)
+class JumpRule:
+    """A rule of ours in a built-in chain, ensured with `-C`/`-I` (never in a restore)."""
+
+    table: str
+    chain: str
+    spec: tuple[str, ...]
+
+
+def _jump(table: str, chain: str, comment: str, target: str, *, new_only: bool) -> JumpRule:
+    # Filter jumps look at the first packet of a connection only, like upstream's.
+    state = ("-m", "conntrack", "--ctstate", "NEW") if new_only else ()
+    return JumpRule(table, chain, (*state, "-m", "comment", "--comment", comment, "-j", target))
+
+
+JUMP_RULES: tuple[JumpRule, ...] = (
+    _jump("nat", "PREROUTING", "kpy service portals", SERVICES, new_only=False),
+    _jump("nat", "OUTPUT", "kpy service portals", SERVICES, new_only=False),
+    _jump("nat", "POSTROUTING", "kpy postrouting rules", POSTROUTING, new_only=False),
+    _jump("filter", "FORWARD", "kpy service portals", SERVICES, new_only=True),
+    _jump("filter", "OUTPUT", "kpy service portals", SERVICES, new_only=True),
+    _jump(
+        "filter",
+        "INPUT",
+        "kpy externally-visible service portals",
+        EXTERNAL_SERVICES,
+        new_only=True,
+    ),
+    _jump(
+        "filter",
+        "FORWARD",
+        "kpy externally-visible service portals",
+        EXTERNAL_SERVICES,
+        new_only=True,
+    ),
+    _jump("filter", "FORWARD", "kpy forwarding rules", FORWARD, new_only=False),
+)
+"""Every jump from a built-in chain into ours, in the order they are ensured."""
+
+
+def _spec_text(spec: Sequence[str]) -> str:
+    return " ".join(f'"{token}"' if " " in token else token for token in spec)
+
+
+def jump_line(jump: JumpRule) -> str:
+    """The jump rule as `iptables-save` prints it (checked on 1.8.9, nft and legacy)."""
+    return f"-A {jump.chain} {_spec_text(jump.spec)}"
+
+
+@dataclass(frozen=True, slots=True)
+class RenderContext:
+    """Everything outside a `ServicePortState` that changes how a port renders.
+
+    When it changes, every memoised chunk is stale and the backend syncs fully.
+    """
+
+    family: IPFamily
+    mark: str
+    """The masquerade mark bit as iptables prints it, e.g. "0x4000"."""
+    cluster_cidrs: tuple[str, ...]
+    """Cluster CIDRs of this family; traffic from elsewhere to a ClusterIP is masqueraded."""
+    masquerade_all: bool
+    nodeport_scope: tuple[str, ...] | None
+    """Destination CIDRs where NodePorts are open; None means every local address."""
+
+    @classmethod
+    def build(cls, node: NodeContext, *, family: IPFamily, masquerade_bit: int) -> RenderContext:
+        return cls(
+            family=family,
+            mark=hex(1 << masquerade_bit),
+            cluster_cidrs=tuple(
+                _normalize_cidr(cidr) for cidr in node.cluster_cidrs if _family(cidr) == family
+            ),
+            masquerade_all=node.masquerade_all,
+            nodeport_scope=nodeport_scope(node, family),
+        )
+
+    @property
+    def host_suffix(self) -> str:
+        return "/128" if self.family is IPFamily.V6 else "/32"
+
+
+@dataclass(frozen=True, slots=True)
+class PortRules:
+    """What one service port contributes, as ready-to-join text (each line ends in \\n)."""
+
+    nat_chains: tuple[str, ...]
+    """The nat chains this port owns (SVC, SVL, EXT, SEP); deleted when it goes."""
+    nat_declarations: str
+    nat_rules: str
+    """The `-A` lines of `nat_chains`."""
+    nat_services: str
+    """Lines for nat KPY-SERVICES."""
+    nat_nodeports: str
+    filter_services: str
+    filter_external: str
+
+
+def _family(address: str) -> IPFamily:
+    return IPFamily.V6 if ":" in address else IPFamily.V4
+
+
+def _normalize_cidr(cidr: str) -> str:
+    return str(ipaddress.ip_network(cidr.strip(), strict=False))
+
+
+def nodeport_scope(node: NodeContext, family: IPFamily) -> tuple[str, ...] | None:
+    """Where NodePorts are open for `family`: None for every local address.
+
+    `nodeport_addresses` lists CIDRs or "primary" (this node's own addresses); an
+    empty list, or a zero-length prefix among them, means every local address. A
+    list with no entry of this family opens NodePorts nowhere (an empty tuple).
+    """
+    if not node.nodeport_addresses:
+        return None
+    scope: list[str] = []
+    host = "/128" if family is IPFamily.V6 else "/32"
+    for entry in node.nodeport_addresses:
+        if entry.strip() == "primary":
+            scope.extend(f"{ip}{host}" for ip in node.node_ips if _family(ip) == family)
+            continue
+        if _family(entry) != family:
+            continue
+        network = ipaddress.ip_network(entry.strip(), strict=False)
+        if network.prefixlen == 0:
+            return None
+        scope.append(str(network))
+    return tuple(dict.fromkeys(scope))
+
+
+_BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_BASE32_PAIRS = tuple(a + b for a in _BASE32 for b in _BASE32)
+"""Two base32 digits per 10-bit value: 16 digits are 8 lookups (base64's is pure Python)."""
+
+
+_sha256 = hashlib.sha256
+_from_bytes = int.from_bytes
+
+
+def _hash16(text: str) -> str:
+    """base32(sha256(text))[:16]: 16 digits are exactly the digest's first 80 bits."""
+    n = _from_bytes(_sha256(text.encode()).digest()[:10], "big")
+    pairs = _BASE32_PAIRS
+    return "".join(
+        (
+            pairs[n >> 70],
+            pairs[(n >> 60) & 1023],
+            pairs[(n >> 50) & 1023],
+            pairs[(n >> 40) & 1023],
+            pairs[(n >> 30) & 1023],
+            pairs[(n >> 20) & 1023],
+            pairs[(n >> 10) & 1023],
+            pairs[n & 1023],
+        )
+    )
+
+
+def _hash_base(name: ServicePortName) -> str:
+    return f"{name}{name.protocol.value.lower()}"
+
+
+def port_hash(name: ServicePortName) -> str:
+    """Upstream's portProtoHash: the 16-character suffix of a port's chain names."""
+    return _hash16(_hash_base(name))
+
+
+def endpoint_chain(name: ServicePortName, endpoint: Endpoint) -> str:
+    """Upstream's servicePortEndpointChainName with our prefix."""
+    return SEP_PREFIX + _hash16(_hash_base(name) + endpoint.address())
+
+
+@lru_cache(maxsize=4096)
+def probability(remaining: int) -> str:
+    """The `--probability` of picking this endpoint out of `remaining`, as upstream prints it."""
+    return f"{1.0 / remaining:0.10f}"
+
+
+# -- per-port rendering -----------------------------------------------------------------
+
+
+def _declare(chains: Iterable[str]) -> str:
+    return "".join([f":{chain} - [0:0]\n" for chain in chains])
+
+
+_Target = tuple[str, str, str]
+"""An endpoint as rendered: (ip, "ip:port", KPY-SEP chain); a plain tuple for speed."""
+
+
+def _targets(endpoints: Sequence[Endpoint], hash_base: str, v6: bool) -> list[_Target]:
+    """The endpoints of this family, each address and chain name computed once.
+
+    This loop runs once per endpoint of the whole cluster on a full render, so the
+    hash is inlined (same result as `_hash16`).
+    """
+    pairs = _BASE32_PAIRS
+    sha256 = _sha256
+    from_bytes = _from_bytes
+    targets: list[_Target] = []
+    for endpoint in endpoints:
+        ip = endpoint.ip
+        if (":" in ip) is not v6:
+            continue
+        address = f"[{ip}]:{endpoint.port}" if v6 else f"{ip}:{endpoint.port}"
+        n = from_bytes(sha256((hash_base + address).encode()).digest()[:10], "big")
+        chain = (
+            f"{SEP_PREFIX}{pairs[n >> 70]}{pairs[(n >> 60) & 1023]}{pairs[(n >> 50) & 1023]}"
+            f"{pairs[(n >> 40) & 1023]}{pairs[(n >> 30) & 1023]}{pairs[(n >> 20) & 1023]}"
+            f"{pairs[(n >> 10) & 1023]}{pairs[n & 1023]}"
+        )
+        targets.append((ip, address, chain))
+    return targets
+
+
+def _cascade(chain: str, comment: str, targets: Sequence[_Target]) -> list[str]:
+    """The random-choice cascade: endpoint i of n is taken with probability 1/(n-i)."""
+    lines: list[str] = []
+    last = len(targets) - 1
+    for index, (_, address, sep) in enumerate(targets):
+        if index < last:
+            lines.append(
+                f'-A {chain} -m comment --comment "{comment} -> {address}" '
+                f"-m statistic --mode random --probability {probability(last + 1 - index)} "
+                f"-j {sep}\n"
+            )
+        else:
+            lines.append(f'-A {chain} -m comment --comment "{comment} -> {address}" -j {sep}\n')
+    return lines
+
+
+def _endpoint_rules(target: _Target, proto: str, host_suffix: str) -> str:
+    """Hairpin masquerade (a pod reaching itself through its service), then DNAT."""
+    ip, address, chain = target
+    return (
+        f"-A {chain} -s {ip}{host_suffix} -j {MARK_MASQ}\n"
+        f"-A {chain} -p {proto} -m {proto} -j DNAT --to-destination {address}\n"
+    )
+
+
+def _cluster_masquerade(chain: str, vip_match: str, ctx: RenderContext) -> list[str]:
+    """Mark ClusterIP traffic from outside the cluster CIDRs (or all of it) for SNAT.
+
+    The rule matches the VIP and port so that NodePort traffic, which reaches the
+    same chain through KPY-EXT-*, is left to the external chain's own decision.
+    """
+    if ctx.masquerade_all:
+        return [f"-A {chain} {vip_match} -j {MARK_MASQ}\n"]
+    if len(ctx.cluster_cidrs) == 1:
+        return [f"-A {chain} ! -s {ctx.cluster_cidrs[0]} {vip_match} -j {MARK_MASQ}\n"]
+    if ctx.cluster_cidrs:
+        return [f"-A {chain} {vip_match} -j {MARK_NONCLUSTER}\n"]
+    return []
+
+
+def _vip_match(vip: str, proto: str, port: int, comment: str, ctx: RenderContext) -> str:
+    return (
+        f'-d {vip}{ctx.host_suffix} -p {proto} -m comment --comment "{comment}" '
+        f"-m {proto} --dport {port}"
+    )
+
+
+def _external_chain(
+    ext: str,
+    comment: str,
+    *,
+    policy_local: bool,
+    cluster_chain: str | None,
+    external_chain: str | None,
+    ctx: RenderContext,
+) -> list[str]:
+    """The entry for traffic from outside (NodePort): masquerade, then pick a chain.
+
+    With the Local external policy the client's address is kept, except for traffic
+    from pods and from the node itself, which is sent to the cluster-wide chain as if
+    it had gone out to a load balancer and come back (upstream's behaviour).
+    """
+    if not policy_local:
+        lines = [
+            f'-A {ext} -m comment --comment "masquerade traffic for {comment} '
+            f'external destinations" -j {MARK_MASQ}\n'
+        ]
+    else:
+        lines = []
+        if cluster_chain is not None:
+            lines.extend(
+                f'-A {ext} -s {cidr} -m comment --comment "pod traffic for {comment} '
+                f'external destinations" -j {cluster_chain}\n'
+                for cidr in ctx.cluster_cidrs
+            )
+            lines.append(
+                f'-A {ext} -m comment --comment "masquerade LOCAL traffic for {comment} '
+                f'external destinations" -m addrtype --src-type LOCAL -j {MARK_MASQ}\n'
+            )
+            lines.append(
+                f'-A {ext} -m comment --comment "route LOCAL traffic for {comment} '
+                f'external destinations" -m addrtype --src-type LOCAL -j {cluster_chain}\n'
+            )
+    if external_chain is not None:
+        lines.append(f"-A {ext} -j {external_chain}\n")
+    return lines
+
+
+def _nodeport_filter(
+    proto: str, node_port: int, comment: str, target: str, ctx: RenderContext
+) -> list[str]:
+    tail = (
+        f'-p {proto} -m comment --comment "{comment}" -m addrtype --dst-type LOCAL '
+        f"-m {proto} --dport {node_port} -j {target}\n"
+    )
+    if ctx.nodeport_scope is None:
+        return [f"-A {EXTERNAL_SERVICES} {tail}"]
+    return [f"-A {EXTERNAL_SERVICES} -d {cidr} {tail}" for cidr in ctx.nodeport_scope]
+
+
+def _any_usable(state: ServicePortState) -> bool:
+    """True when some endpoint could serve, just not from this node's point of view."""
+    return any(endpoint.ready or endpoint.serving for endpoint in state.all_endpoints)
+
+
+def render_port(name: ServicePortName, state: ServicePortState, ctx: RenderContext) -> PortRules:
+    """Everything one service port contributes to the nat and filter tables."""
+    port = state.port
+    proto = port.protocol.value.lower()
+    comment = str(name)
+    hash_base = comment + proto
+    suffix = _hash16(hash_base)
+    v6 = ctx.family is IPFamily.V6
+    vips = [ip for ip in port.cluster_ips if (":" in ip) == v6]
+    cluster = _targets(state.cluster_endpoints, hash_base, v6)
+    if state.external_endpoints == state.cluster_endpoints:  # usually the same tuple
+        external = cluster
+    else:
+        external = _targets(state.external_endpoints, hash_base, v6)
+
+    chains: list[str] = []
+    nat: list[str] = []
+    services: list[str] = []
+    nodeports: list[str] = []
+    filter_services: list[str] = []
+    filter_external: list[str] = []
+
+    cluster_chain = SVC_PREFIX + suffix if cluster else None
+    if cluster_chain is not None:
+        chains.append(cluster_chain)
+        for vip in vips:
+            match = _vip_match(vip, proto, port.port, f"{comment} cluster IP", ctx)
+            services.append(f"-A {SERVICES} {match} -j {cluster_chain}\n")
+            nat.extend(_cluster_masquerade(cluster_chain, match, ctx))
+        nat.extend(_cascade(cluster_chain, comment, cluster))
+    else:
+        local_only = port.internal_policy_local and _any_usable(state)
+        reason = _NO_LOCAL_ENDPOINTS if local_only else _NO_ENDPOINTS
+        target = "DROP" if local_only else "REJECT"
+        filter_services.extend(
+            f"-A {SERVICES} {_vip_match(vip, proto, port.port, f'{comment} {reason}', ctx)} "
+            f"-j {target}\n"
+            for vip in vips
+        )
+
+    # The external path gets its own endpoint chain only when its set differs.
+    if not external:
+        external_chain = None
+    elif external == cluster:
+        external_chain = cluster_chain
+    else:
+        external_chain = SVL_PREFIX + suffix
+        chains.append(external_chain)
+        nat.extend(_cascade(external_chain, comment, external))
+
+    if port.node_port:
+        if cluster_chain is not None or external_chain is not None:
+            ext = EXT_PREFIX + suffix
+            chains.append(ext)
+            nodeports.append(
+                f'-A {NODEPORTS} -p {proto} -m comment --comment "{comment}" '
+                f"-m {proto} --dport {port.node_port} -j {ext}\n"
+            )
+            nat.extend(
+                _external_chain(
+                    ext,
+                    comment,
+                    policy_local=port.external_policy_local,
+                    cluster_chain=cluster_chain,
+                    external_chain=external_chain,
+                    ctx=ctx,
+                )
+            )
+        if external_chain is None:
+            local_only = port.external_policy_local and (
+                cluster_chain is not None or _any_usable(state)
+            )
+            reason = _NO_LOCAL_ENDPOINTS if local_only else _NO_ENDPOINTS
+            filter_external.extend(
+                _nodeport_filter(
+                    proto,
+                    port.node_port,
+                    f"{comment} {reason}",
+                    "DROP" if local_only else "REJECT",
+                    ctx,
+                )
+            )
+
+    host_suffix = ctx.host_suffix
+    if external is cluster or not external:
+        targets = cluster
+    else:  # each endpoint once, even when it is in both sets
+        targets = list({row[2]: row for row in (*cluster, *external)}.values())
+    for row in targets:
+        chains.append(row[2])
+        nat.append(_endpoint_rules(row, proto, host_suffix))
+
+    return PortRules(
+        nat_chains=tuple(chains),
+        nat_declarations=_declare(chains),
+        nat_rules="".join(nat),
+        nat_services="".join(services),
+        nat_nodeports="".join(nodeports),
+        filter_services="".join(filter_services),
+        filter_external="".join(filter_external),
+    )
+
+
+# -- whole-ruleset assembly ---------------------------------------------------------------
+
+
+def _static_nat_rules(ctx: RenderContext) -> list[str]:
+    mark = ctx.mark
+    lines = [
+        f"-A {POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN\n",
+        # Clear the bit so a packet that is re-routed (e.g. IPsec) is not masqueraded twice.
+        f"-A {POSTROUTING} -j MARK --xor-mark {mark}\n",
+        f'-A {POSTROUTING} -m comment --comment "kpy service traffic requiring SNAT" '
+        "-j MASQUERADE --random-fully\n",
+        f"-A {MARK_MASQ} -j MARK --or-mark {mark}\n",
+    ]
+    if len(ctx.cluster_cidrs) > 1:
+        lines.extend(f"-A {MARK_NONCLUSTER} -s {cidr} -j RETURN\n" for cidr in ctx.cluster_cidrs)
+        lines.append(f"-A {MARK_NONCLUSTER} -j {MARK_MASQ}\n")
+    return lines
+
+
+def _static_filter_rules(ctx: RenderContext) -> list[str]:
+    mark = ctx.mark
+    return [
+        f"-A {FORWARD} -m conntrack --ctstate INVALID -j DROP\n",
+        f'-A {FORWARD} -m comment --comment "kpy forwarding rules" '
+        f"-m mark --mark {mark}/{mark} -j ACCEPT\n",
+        f'-A {FORWARD} -m comment --comment "kpy forwarding conntrack rule" '
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n",
+    ]
+
+
+def static_nat_chains(ctx: RenderContext) -> tuple[str, ...]:
+    """nat chains of ours that exist whatever the services are."""
+    extra = (MARK_NONCLUSTER,) if len(ctx.cluster_cidrs) > 1 else ()
+    return (*NAT_TOP_CHAINS, *NAT_STATIC_CHAINS, *extra)
+
+
+def static_filter_chains() -> tuple[str, ...]:
+    return (*FILTER_TOP_CHAINS, *FILTER_STATIC_CHAINS)
+
+
+def _nodeports_jump(ctx: RenderContext) -> list[str]:
+    comment = '-m comment --comment "kpy service nodeports; NOTE: this must be the last rule"'
+    if ctx.nodeport_scope is None:
+        return [f"-A {SERVICES} {comment} -m addrtype --dst-type LOCAL -j {NODEPORTS}\n"]
+    return [
+        f"-A {SERVICES} -d {cidr} {comment} -m addrtype --dst-type LOCAL -j {NODEPORTS}\n"
+        for cidr in ctx.nodeport_scope
+    ]
+
+
+def render_restore(
+    *,
+    full: bool,
+    ctx: RenderContext,
+    ports: Sequence[PortRules],
+    write: Iterable[PortRules],
+    delete_nat: Sequence[str] = (),
+    delete_filter: Sequence[str] = (),
+    insert_jumps: Sequence[JumpRule] = (),
+) -> str:
+    """One iptables-restore --noflush input for a sync.
+
+    `ports` is every current port (the top-level chains list them all), `write` the
+    ports whose own chains are (re)written, `delete_*` chains to flush and remove,
+    `insert_jumps` jump rules missing from the built-in chains. A full sync also
+    writes the static chains and the mangle canary.
+
+    Every chain written is declared first (`:CHAIN - [0:0]` creates or flushes it),
+    rules follow, then the jumps into them, and deletions come last, once nothing we
+    rewrote points at them. Jumps are inserted here rather than with `iptables -I`
+    because a single-rule command rewrites the whole table in legacy iptables
+    (measured 2.5 s per `-I` at 10k services x 10 endpoints).
+    """
+    out: list[str] = []
+    if full:
+        out.append(f"*mangle\n{_declare(MANGLE_CHAINS)}COMMIT\n")
+
+    # filter: written before nat because each table commits on its own; if nat then
+    # fails, a REJECT for a VIP that nat still DNATs is harmless.
+    out.append("*filter\n")
+    out.append(_declare(static_filter_chains() if full else FILTER_TOP_CHAINS))
+    out.append(_declare(delete_filter))
+    if full:
+        out.extend(_static_filter_rules(ctx))
+    out.extend(rules.filter_services for rules in ports)
+    out.extend(rules.filter_external for rules in ports)
+    out.extend(_insert_lines(insert_jumps, "filter"))
+    out.extend(f"-X {chain}\n" for chain in delete_filter)
+    out.append("COMMIT\n")
+
+    written = list(write)
+    out.append("*nat\n")
+    out.append(_declare(static_nat_chains(ctx) if full else NAT_TOP_CHAINS))
+    out.extend(rules.nat_declarations for rules in written)
+    out.append(_declare(delete_nat))
+    if full:
+        out.extend(_static_nat_rules(ctx))
+    out.extend(rules.nat_services for rules in ports)
+    out.extend(_nodeports_jump(ctx) if ctx.nodeport_scope != () else ())
+    out.extend(rules.nat_nodeports for rules in ports)
+    out.extend(rules.nat_rules for rules in written)
+    out.extend(_insert_lines(insert_jumps, "nat"))
+    out.extend(f"-X {chain}\n" for chain in delete_nat)
+    out.append("COMMIT\n")
+    return "".join(out)
+
+
+def _insert_lines(jumps: Sequence[JumpRule], table: str) -> list[str]:
+    return [f"-I {jump.chain} 1 {_spec_text(jump.spec)}\n" for jump in jumps if jump.table == table]
+
+
+def render_cleanup(chains_by_table: dict[str, list[str]]) -> str:
+    """A restore input flushing and deleting the given chains, table by table."""
+    out: list[str] = []
+    for table, chains in chains_by_table.items():
+        if not chains:
+            continue
+        out.append(f"*{table}\n")
+        out.append(_declare(chains))
+        out.extend(f"-X {chain}\n" for chain in chains)
+        out.append("COMMIT\n")
+    return "".join(out)
