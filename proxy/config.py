@@ -330,17 +330,35 @@ def resolve_node_name(
     that a manifest without `--hostname-override` still finds its Node.
     """
     if hostname_override:
-        return hostname_override
-    from_env = environ.get(NODE_NAME_ENV, "").strip()
-    if from_env:
-        return from_env.lower()
+        return _valid_node_name(hostname_override, "--hostname-override")
+    if NODE_NAME_ENV in environ:
+        from_env = environ[NODE_NAME_ENV].strip()
+        if not from_env:
+            raise ConfigError(
+                f"{NODE_NAME_ENV} is set but empty: set it from spec.nodeName "
+                "(the downward API) or pass --hostname-override"
+            )
+        return _valid_node_name(from_env.lower(), NODE_NAME_ENV)
     try:
-        return normalize_hostname(gethostname())
+        return _valid_node_name(normalize_hostname(gethostname()), "the host name")
     except BadValueError:
         raise ConfigError(
             "cannot tell the node name: the host name is empty; "
             "pass --hostname-override or set NODE_NAME"
         ) from None
+
+
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _valid_node_name(name: str, source: str) -> str:
+    """`name` if it can name a Node (an RFC 1123 subdomain), else a ConfigError naming it."""
+    if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
+        raise ConfigError(
+            f"node name {name!r} (from {source}) is not a valid Kubernetes node name "
+            "(lower-case RFC 1123 subdomain); is NODE_NAME set from spec.nodeName?"
+        )
+    return name
 
 
 # -- settings ----------------------------------------------------------------------------

@@ -26,9 +26,10 @@ Pods are routed, not bridged: every packet a pod sends, even to a pod next door,
 the node's IP stack, so it meets the node's netfilter hooks and conntrack exactly as on a
 Calico node. The node forwards (``ip_forward=1``) with reverse-path filtering off; the
 pod-side and client-side namespaces keep their defaults. The node does not rate-limit
-the ICMP errors it sends (``icmp_ratelimit=0``), so a test may probe a REJECT rule
-many times in a row. ``route_localnet`` is left
-alone everywhere.
+the ICMP errors it sends (``icmp_ratelimit=0``), so a test may probe a REJECT rule many
+times in a row. ``route_localnet`` is left alone everywhere. The client routes only the
+service CIDR to the node, not the cluster CIDR: pod IPs are unreachable from outside,
+and whatever reaches a pod from the client went through a Service rule.
 
 Names: every namespace is ``<prefix>node``, ``<prefix>client`` or ``<prefix>pod-<name>``
 with a unique prefix ``kpy-<6 hex>-``. Veth pairs are created inside the node namespace

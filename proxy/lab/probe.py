@@ -25,7 +25,6 @@ guarded by a lock. Each call blocks for at most about its `timeout`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import itertools
 import os
@@ -37,7 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-CLONE_NEWNET = 0x40000000
+from proxy.lab.innetns import run_in_netns
+
 NETNS_RUN_DIR = "/run/netns"
 DEFAULT_TIMEOUT = 1.0
 
@@ -95,44 +95,13 @@ class NamespaceError(OSError):
     """Entering a network namespace failed (missing namespace, or not root)."""
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise NamespaceError(err, f"setns: {os.strerror(err)}")
-
-
 def socket_in(netns: str | None, kind: socket.SocketKind) -> socket.socket:
     """A new IPv4 socket of `kind` living in the named namespace (None: the caller's)."""
     if netns is None:
         return socket.socket(socket.AF_INET, kind)
-    try:
-        fd = os.open(os.path.join(NETNS_RUN_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as err:
-        raise NamespaceError(err.errno, f"network namespace {netns!r}: {err.strerror}") from None
-    made: list[socket.socket] = []
-    failed: list[BaseException] = []
-
-    def create() -> None:
-        # This thread alone enters the namespace; it ends right after, so nothing else
-        # ever runs in it.
-        try:
-            _setns(fd)
-            made.append(socket.socket(socket.AF_INET, kind))
-        except BaseException as err:
-            failed.append(err)
-
-    try:
-        worker = threading.Thread(target=create, name=f"setns-{netns}", daemon=True)
-        worker.start()
-        worker.join()
-    finally:
-        os.close(fd)
-    if failed:
-        raise failed[0]
-    return made[0]
+    if not os.path.exists(os.path.join(NETNS_RUN_DIR, netns)):
+        raise NamespaceError(errno.ENOENT, f"network namespace {netns!r}: no such namespace")
+    return run_in_netns(netns, lambda: socket.socket(socket.AF_INET, kind))
 
 
 def _next_udp_source_port() -> int:

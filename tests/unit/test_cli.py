@@ -105,9 +105,14 @@ def test_a_bare_word_after_a_boolean_is_a_positional_argument_as_in_go() -> None
 
 
 def test_values_may_start_with_a_dash_as_in_pflag() -> None:
-    assert parse(["--hostname-override", "-node"]).node_name == "-node"
+    assert parse(["--kubeconfig", "-kc"]).kubeconfig == "-kc"
     assert parse(["--master", "--cleanup"]).master == "--cleanup"
     assert parse(["--master", "--cleanup"]).cleanup is False
+
+
+def test_invalid_node_names_are_refused_naming_their_source() -> None:
+    with pytest.raises(ConfigError, match=r"'-node' \(from --hostname-override\)"):
+        parse(["--hostname-override", "-node"])
 
 
 @pytest.mark.parametrize("argv", [["-v4"], ["-v", "4"], ["-v=4"], ["--v=4"], ["--v", "4"]])
