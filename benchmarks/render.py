@@ -48,6 +48,15 @@ def build_state(services: int, endpoints: int) -> dict[ServicePortName, ServiceP
     return states
 
 
+def render_full(states: dict[ServicePortName, ServicePortState], ctx: render.RenderContext) -> str:
+    ports = [render.render_port(n, s, ctx) for n, s in states.items()]
+    return render.render_restore(full=True, ctx=ctx, ports=ports, write=ports)
+
+
+def render_partial(ports: list[render.PortRules], ctx: render.RenderContext) -> str:
+    return render.render_restore(full=False, ctx=ctx, ports=ports, write=ports[:1])
+
+
 def best_of(repeat: int, fn: Callable[[], object]) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -68,18 +77,10 @@ def main() -> None:
     for point in args.grid.split(","):
         services, endpoints = (int(x) for x in point.split("x"))
         states = build_state(services, endpoints)
-        ports: list[render.PortRules] = []
-
-        def full() -> str:
-            ports[:] = [render.render_port(n, s, ctx) for n, s in states.items()]
-            return render.render_restore(full=True, ctx=ctx, ports=ports, write=ports)
-
-        text = full()
-        full_s = best_of(args.repeat, full)
-        partial_s = best_of(
-            args.repeat,
-            lambda: render.render_restore(full=False, ctx=ctx, ports=ports, write=ports[:1]),
-        )
+        text = render_full(states, ctx)
+        full_s = best_of(args.repeat, lambda: render_full(states, ctx))  # noqa: B023
+        ports = [render.render_port(n, s, ctx) for n, s in states.items()]
+        partial_s = best_of(args.repeat, lambda: render_partial(ports, ctx))  # noqa: B023
         print(f"{point:>10} {full_s:>14.3f} {partial_s:>10.4f} {len(text) / 1e6:>9.1f}")
 
 

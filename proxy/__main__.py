@@ -41,13 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.verbosity >= 4:
         logging.getLogger().setLevel(logging.DEBUG)
     if settings.unsupported_flags:
-        log.warning(
-            "not supported yet, ignored: %s", ", ".join(settings.unsupported_flags)
-        )
+        log.warning("not supported yet, ignored: %s", ", ".join(settings.unsupported_flags))
     if settings.overridden_by_flags:
-        log.info(
-            "flags override the config file for: %s", ", ".join(settings.overridden_by_flags)
-        )
+        log.info("flags override the config file for: %s", ", ".join(settings.overridden_by_flags))
     try:
         return run(settings)
     except KubeConfigError as err:

@@ -97,6 +97,7 @@ def start(settings: Settings) -> Proxy:
         masquerade_all=settings.masquerade_all,
         nodeport_addresses=settings.nodeport_addresses,
     )
+
     def sync() -> None:
         proxier.sync()
 

@@ -83,7 +83,8 @@ def demo(lab: LabCluster) -> None:
     say(f"\n== {REQUESTS} requests each")
     pod_ns = topo.pods["web-1"].netns
     show_spread(
-        f"ClusterIP {web_ip}:80 from the client", spread(topo.client_ns, web_ip, 80, "tcp", REQUESTS)
+        f"ClusterIP {web_ip}:80 from the client",
+        spread(topo.client_ns, web_ip, 80, "tcp", REQUESTS),
     )
     show_spread(
         f"ClusterIP {web_ip}:80 from pod dns-1",
@@ -97,9 +98,12 @@ def demo(lab: LabCluster) -> None:
         f"ClusterIP {dns_ip}:53/UDP from pod web-1", spread(pod_ns, dns_ip, 53, "udp", REQUESTS)
     )
     show_spread(f"ClusterIP {empty_ip}:80 (no endpoints)", spread(pod_ns, empty_ip, 80, "tcp", 3))
-    say("  source address the pod saw:")
-    say(f"    from pod dns-1 {topo.pods['dns-1'].ip:<14} -> {source_seen(topo.pods['dns-1'].netns, web_ip, 80, 'TCP')} (kept)")
-    say(f"    from client {topo.client_ip:<17} -> {source_seen(topo.client_ns, web_ip, 80, 'TCP')} (masqueraded)")
+    say("  source address the web pod saw:")
+    dns1 = topo.pods["dns-1"]
+    kept = source_seen(dns1.netns, web_ip, 80, "TCP")
+    masqueraded = source_seen(topo.client_ns, web_ip, 80, "TCP")
+    say(f"    from pod dns-1 {dns1.ip:<15} -> {kept} (kept: inside the cluster CIDR)")
+    say(f"    from the client {topo.client_ip:<14} -> {masqueraded} (masqueraded: from outside)")
 
     say("\n== scale web from 3 to 5 pods")
     for index in (4, 5):
@@ -148,7 +152,9 @@ def report_metrics(m: dict[str, float]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m proxy.lab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m proxy.lab", description=__doc__.splitlines()[0]
+    )
     parser.add_argument(
         "--keep", action="store_true", help="leave the lab running until Ctrl-C before cleaning up"
     )
@@ -161,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     lab: LabCluster | None = None
     try:
         lab = LabCluster.start()
-        say(f"lab {lab.topology.prefix}: node {lab.topology.node_ip}, client {lab.topology.client_ip}")
+        topo = lab.topology
+        say(f"lab {topo.prefix}: node {topo.node_ip}, client {topo.client_ip}")
         demo(lab)
         if args.keep:
             say("\n--keep: the lab stays up; press Ctrl-C to remove it")

@@ -2,8 +2,9 @@
 
 The proxy, the lab and `kubectl` talk to it exactly as to a real API server (plain
 HTTP on loopback, any bearer token accepted unless `token` is set). It serves
-`v1` services, nodes, namespaces and events and `discovery.k8s.io/v1`
-endpointslices, with discovery, a minimal OpenAPI v3 (so `kubectl create -f`
+`v1` services, nodes, namespaces, events and pods (empty unless a test adds some:
+the lab has none, kubectl reads them) and `discovery.k8s.io/v1` endpointslices, with
+discovery, a minimal OpenAPI v3 (so `kubectl create -f`
 validates server-side), and `Table` answers for `kubectl get`. The semantics live
 in `apistore` (versions, history, selectors, pagination, finalizers) and
 `apiservices` (ClusterIP/NodePort allocation); this module is the wire:
@@ -15,7 +16,10 @@ in `apistore` (versions, history, selectors, pagination, finalizers) and
   `allowWatchBookmarks=true` adds a BOOKMARK every `bookmark_interval` seconds; a
   resourceVersion older than the history window gets HTTP 200 and one ERROR event
   (Status 410 Expired), as the real watch cache answers;
-- every other verb answers with the object, or a `Status` with the real reason/code.
+- every other verb answers with the object, or a `Status` with the real reason/code;
+- request bodies must be JSON: kubectl's generators (`kubectl create service ...`,
+  `create namespace`) send protobuf and get 415; `create -f`, `apply`, `patch`,
+  `replace`, `delete`, `get` (tables, `-o json/yaml`, `-w`) all work.
 
 Fault injection, for tests: `compact()`, `expire_watches()` (410 ERROR to every
 open watch, then close), `stall_watches()` (open watches get nothing more, their
@@ -339,8 +343,12 @@ class _Handler(BaseHTTPRequestHandler):
         if query.get("dryRun"):
             raise errs.bad_request("dryRun is not supported by the lab API double")
         strict = query.get("fieldValidation", "").lower() == "strict"
-        if route.subresource not in (None, "status"):
+        if route.subresource not in (None, "status") or (
+            route.subresource and not rt.status_subresource
+        ):
             raise errs.not_found(rt.plural, rt.group, f"{route.name}/{route.subresource}")
+        if route.subresource and method not in ("GET", "PUT", "PATCH"):
+            raise errs.method_not_allowed(f"{method} is not supported on {rt.plural}/status")
         if method == "GET" and route.name is None:
             if _flag(query, "watch"):
                 self._watch(route, query)
@@ -888,6 +896,17 @@ class ApiServer:
                 raise TimeoutError(
                     f"{self.watch_count(resource)} of {count} watches on {resource or 'any'} "
                     f"open after {timeout:g}s"
+                )
+            time.sleep(0.01)
+
+    def wait_for_watches_closed(self, resource: str | None = None, timeout: float = 5.0) -> None:
+        """Block until no watch is open (the server noticed every client leave)."""
+        deadline = time.monotonic() + timeout
+        while self.watch_count(resource):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{self.watch_count(resource)} watches on {resource or 'any'} still open "
+                    f"after {timeout:g}s"
                 )
             time.sleep(0.01)
 

@@ -262,7 +262,7 @@ class ServiceAdmission:
         if requested == ["None"] or requested[:1] == ["None"]:
             spec["clusterIP"] = "None"
             spec["clusterIPs"] = ["None"]
-            spec["ipFamilies"] = families or self._families(policy)[:1]
+            spec["ipFamilies"] = families or self._families(policy)
             spec["ipFamilyPolicy"] = policy
             return errors
         parsed: list[IP] = []
@@ -407,9 +407,11 @@ class ServiceAdmission:
 
     def _allocate_missing(self, spec: Obj, owner: Owner) -> bool:
         """Hand out whatever is still unset; False when a range is exhausted."""
-        if spec["type"] != "ExternalName" and not spec.get("clusterIPs"):
-            ips: list[str] = []
-            for family in spec["ipFamilies"]:
+        ips: list[str] = list(spec.get("clusterIPs") or [])
+        if spec["type"] != "ExternalName" and ips != ["None"]:
+            # Every family without an address yet (all of them on create; the second
+            # one when an update asks for dual-stack).
+            for family in spec["ipFamilies"][len(ips) :]:
                 rng = self._range(family)
                 ip = rng.allocate(owner) if rng is not None else None
                 if ip is None:

@@ -17,6 +17,9 @@ What it promises, because clients of the real API depend on it:
 - Paginated lists are consistent: the first page takes a snapshot of the matching
   objects; `continue` tokens page through it (a bounded number of snapshots is kept;
   an evicted one is 410 Expired, as etcd compaction makes it on a real server).
+- Fields the real decoder does not know are dropped (`strict`: 400, as with
+  `fieldValidation=Strict`); `validate=False` writes store the object as given, for
+  tests that need what the real API would refuse or keep to itself.
 - Deleting an object with `metadata.finalizers` only sets `deletionTimestamp`; the
   update that removes the last finalizer deletes it. Deleting a namespace deletes
   everything in it.
@@ -62,6 +65,7 @@ from proxy.lab.apitypes import (
     EndpointSliceAdmission,
     NamespaceAdmission,
     NoAdmission,
+    NodeAdmission,
     ResourceType,
     selectable_fields,
     unknown_fields,
@@ -340,6 +344,7 @@ class Store:
         admissions: dict[str, Admission] = {
             "services": self.services,
             "namespaces": NamespaceAdmission(),
+            "nodes": NodeAdmission(),
             "endpointslices": EndpointSliceAdmission(),
         }
         self._collections = {
@@ -670,6 +675,8 @@ class Store:
         obj = self._check_kind(rt, _copy(obj))
         if strict:
             self._check_strict(rt, obj)
+        elif validate:
+            unknown_fields(rt, obj, remove=True)
         meta = obj.get("metadata")
         if not isinstance(meta, dict):
             meta = obj["metadata"] = {}
@@ -795,6 +802,8 @@ class Store:
         new = self._check_kind(rt, _copy(obj))
         if strict:
             self._check_strict(rt, new)
+        elif validate:
+            unknown_fields(rt, new, remove=True)
         meta = new.get("metadata")
         if not isinstance(meta, dict):
             meta = new["metadata"] = {}
@@ -859,7 +868,12 @@ class Store:
         else:
             coll.admission.release(old)
             coll.admission.observe(new)
-        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+        if (
+            validate
+            and meta.get("deletionTimestamp")
+            and old_meta.get("finalizers")
+            and not meta.get("finalizers")
+        ):
             # The last finalizer is gone: the pending deletion completes.
             coll.admission.release(new)
             return self._commit(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -122,6 +122,22 @@ RESOURCES: dict[str, ResourceType] = {
             status_subresource=True,
             return_deleted_object=True,
             extra_fields=("spec.clusterIP", "spec.type"),
+        ),
+        # The lab has no Pod objects (see `slicewriter`); the collection exists, empty
+        # unless a test fills it, because kubectl (`describe node`) reads it.
+        ResourceType(
+            "pods",
+            "pod",
+            "Pod",
+            "",
+            "v1",
+            namespaced=True,
+            name_rule="dns1123-subdomain",
+            short_names=("po",),
+            categories=("all",),
+            status_subresource=True,
+            return_deleted_object=True,
+            extra_fields=("spec.nodeName", "status.phase", "status.podIP"),
         ),
         ResourceType(
             "events",
@@ -324,6 +340,25 @@ class NamespaceAdmission(NoAdmission):
         obj["status"] = status
 
 
+class NodeAdmission(NoAdmission):
+    """`spec` and `status` always exist on a real Node (Go structs are never omitted)."""
+
+    def create(self, obj: Obj) -> list[FieldError]:
+        return self._default(obj)
+
+    def update(self, new: Obj, old: Obj) -> list[FieldError]:
+        return self._default(new)
+
+    @staticmethod
+    def _default(obj: Obj) -> list[FieldError]:
+        for part in ("spec", "status"):
+            if obj.get(part) is None:
+                obj[part] = {}
+            elif not isinstance(obj[part], dict):
+                return [FieldError(part, "Invalid", obj[part], "must be an object")]
+        return []
+
+
 _ADDRESS_TYPES = ("IPv4", "IPv6", "FQDN")
 _PROTOCOLS = ("TCP", "UDP", "SCTP")
 
@@ -431,6 +466,7 @@ _METADATA_FIELDS = frozenset(
 _TOP_FIELDS = {
     "Service": ("spec", "status"),
     "Node": ("spec", "status"),
+    "Pod": ("spec", "status"),
     "Namespace": ("spec", "status"),
     "EndpointSlice": ("addressType", "endpoints", "ports"),
     "Event": (
@@ -479,17 +515,28 @@ _SERVICE_PORT_FIELDS = frozenset(
 )
 
 
-def unknown_fields(rt: ResourceType, obj: Obj) -> list[str]:
-    """Field paths the real decoder would reject in strict mode (the common cases only)."""
-    allowed = {"apiVersion", "kind", "metadata", *_TOP_FIELDS.get(rt.kind, ())}
-    unknown = [key for key in obj if key not in allowed]
-    meta = obj.get("metadata")
-    if isinstance(meta, dict):
-        unknown += [f"metadata.{key}" for key in meta if key not in _METADATA_FIELDS]
+def unknown_fields(rt: ResourceType, obj: Obj, *, remove: bool = False) -> list[str]:
+    """Field paths the real decoder does not know (the common cases only).
+
+    In strict mode the API rejects them; otherwise it silently drops them, which
+    `remove=True` does here (the object is changed in place).
+    """
+    found: list[tuple[dict[str, Any], str, str]] = []
+
+    def scan(container: Any, allowed: Iterable[str], prefix: str) -> None:
+        if isinstance(container, dict):
+            known = set(allowed)
+            found.extend((container, k, f"{prefix}{k}") for k in container if k not in known)
+
+    scan(obj, ("apiVersion", "kind", "metadata", *_TOP_FIELDS.get(rt.kind, ())), "")
+    scan(obj.get("metadata"), _METADATA_FIELDS, "metadata.")
     spec = obj.get("spec")
     if rt.kind == "Service" and isinstance(spec, dict):
-        unknown += [f"spec.{key}" for key in spec if key not in _SERVICE_SPEC_FIELDS]
-        for i, port in enumerate(spec.get("ports") or []):
-            if isinstance(port, dict):
-                unknown += [f"spec.ports[{i}].{k}" for k in port if k not in _SERVICE_PORT_FIELDS]
-    return unknown
+        scan(spec, _SERVICE_SPEC_FIELDS, "spec.")
+        ports = spec.get("ports")
+        for i, port in enumerate(ports if isinstance(ports, list) else []):
+            scan(port, _SERVICE_PORT_FIELDS, f"spec.ports[{i}].")
+    if remove:
+        for container, key, _ in found:
+            del container[key]
+    return [path for _, _, path in found]

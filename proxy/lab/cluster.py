@@ -6,7 +6,8 @@
 - the Kubernetes API double (`apiserver`), running on threads of this process but
   listening *inside the node namespace* on 127.0.0.1, where the proxy finds it
   through a kubeconfig, like a kubelet-hosted control plane;
-- a `SliceWriter` that keeps EndpointSlices in step with the lab's pods and stamps
+- a `SliceWriter` that keeps EndpointSlices in step with the lab's pods and Services
+  (it follows Service changes itself) and stamps
   `endpoints.kubernetes.io/last-change-trigger-time`;
 - the real `python -m proxy` process in the node namespace, with kube-proxy's flags;
   it gets PR_SET_PDEATHSIG so it dies with us even if we are SIGKILLed, and its log
@@ -93,6 +94,11 @@ class LabCluster:
         )
         return lab
 
+    def restart_api(self) -> str:
+        """Start the stopped API server again on the same address (inside the node namespace)."""
+        self.api_url = run_in_netns(self.topology.node_ns, self.api.restart)
+        return self.api_url
+
     def close(self) -> None:
         """Stop everything and delete the namespaces; safe to call twice."""
         self.stop_proxy()
@@ -152,7 +158,7 @@ class LabCluster:
         service_type: str = "ClusterIP",
     ) -> dict[str, Any]:
         """Create a Service through the API (it allocates the ClusterIP and NodePorts)."""
-        created = self.api.create(
+        return self.api.create(
             "services",
             {
                 "apiVersion": "v1",
@@ -162,12 +168,9 @@ class LabCluster:
             },
             namespace=NAMESPACE,
         )
-        self.writer.sync_service(NAMESPACE, name)
-        return created
 
     def delete_service(self, name: str) -> None:
         self.api.delete("services", name, namespace=NAMESPACE)
-        self.writer.sync_service(NAMESPACE, name)
 
     # -- the proxy -----------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from any thread. A parsed selector is a frozen value and may be shared.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -349,7 +349,3 @@ def parse_field_selector(text: str, supported: Collection[str]) -> FieldSelector
             raise SelectorError(f'field label not supported: "{field}"')
         requirements.append(FieldRequirement(field, op != "!=", value))
     return FieldSelector(tuple(requirements))
-
-
-FieldGetter = Callable[[Mapping[str, object]], dict[str, str]]
-"""Computes the selectable fields of one object (resource-specific)."""

@@ -52,6 +52,7 @@ from typing import Any, Protocol
 
 from proxy.lab.apierrors import ApiStatusError
 from proxy.lab.apistore import StoreChange
+from proxy.lab.selectors import LabelSelector
 
 __all__ = [
     "HEADLESS_LABEL",
@@ -137,10 +138,6 @@ def rfc3339_nano(when: float) -> str:
     stamp = datetime.fromtimestamp(when, UTC)
     fraction = f"{stamp.microsecond:06d}".rstrip("0")
     return stamp.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
-
-
-def _selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
-    return all(labels.get(key) == value for key, value in selector.items())
 
 
 def _resolve_port(service_port: Obj, pod: LabPod) -> int | None:
@@ -259,7 +256,8 @@ class SliceWriter:
     def _sync_selecting(self, namespace: str, label_sets: list[Mapping[str, str]]) -> None:
         for svc in self._store.list("services", namespace=namespace):
             selector = (svc.get("spec") or {}).get("selector") or {}
-            if selector and any(_selector_matches(selector, labels) for labels in label_sets):
+            matches = LabelSelector.from_map(selector).matches
+            if selector and any(matches(labels) for labels in label_sets):
                 self._mark(namespace, svc["metadata"]["name"])
                 self.sync_service(namespace, svc["metadata"]["name"])
 
@@ -344,12 +342,12 @@ class SliceWriter:
         namespace = meta["namespace"]
         families = spec.get("ipFamilies") or ["IPv4"]
         address_type = "IPv6" if families[0] == "IPv6" else "IPv4"
-        selector: Mapping[str, str] = spec.get("selector") or {}
+        selector = LabelSelector.from_map(spec.get("selector") or {})
         publish_not_ready = bool(spec.get("publishNotReadyAddresses"))
         zones: dict[str, str | None] = {}
         groups: dict[PortKey, _Group] = {}
         for (pod_ns, _), pod in sorted(self._pods.items()):
-            if pod_ns != namespace or not _selector_matches(selector, pod.labels):
+            if pod_ns != namespace or not selector.matches(pod.labels):
                 continue
             if _family_of(pod.ip) != address_type:
                 continue
