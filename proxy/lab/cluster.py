@@ -198,7 +198,7 @@ class LabCluster:
         ]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
-        with open(self.proxy_log, "ab") as log:
+        with open(self.proxy_log, "wb") as log:  # one log per proxy run
             self.proxy = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,

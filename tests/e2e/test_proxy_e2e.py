@@ -8,6 +8,7 @@ plane to converge and checks it from the client or a pod.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -132,3 +133,43 @@ def kernel_rules(lab: LabCluster) -> str:
 
 def answers_at_all(lab: LabCluster, ip: str, port: int) -> bool:
     return isinstance(probe(lab.topology.client_ns, ip, port, "tcp", timeout=0.5), EchoReply)
+
+
+def test_restart_while_the_api_is_down_keeps_the_rules(lab: LabCluster) -> None:
+    lab.wait_proxy_ready()
+    if "web-4" not in lab.echo:
+        lab.add_pod("web-4", WEB)
+    kept = lab.create_service("kept", WEB, [{"name": "http", "port": 80, "targetPort": "http"}])
+    ip = kept["spec"]["clusterIP"]
+    lab.wait_for("kept answers", lambda: answers(lab, ip, 80, {"web-4"}))
+
+    # SIGTERM: the proxy exits 0 and leaves its rules in place.
+    assert lab.stop_proxy() == 0
+    assert answers(lab, ip, 80, {"web-4"})
+    # Start again with no API server: the old rules keep serving while it retries.
+    lab.api.stop()
+    lab.start_proxy("--iptables-min-sync-period=100ms")
+    lab.wait_for(
+        "the proxy to log that the API is unreachable",
+        lambda: "list failed" in lab.proxy_log.read_text(errors="replace"),
+    )
+    assert answers(lab, ip, 80, {"web-4"})
+    # The API returns with a change made meanwhile: the proxy converges.
+    lab.api.delete("services", "kept", namespace="default")
+    lab.restart_api()
+    lab.wait_for("the deleted service to stop answering", lambda: not answers_at_all(lab, ip, 80))
+    lab.wait_proxy_ready()
+
+
+def test_cleanup_removes_our_rules_and_is_idempotent(lab: LabCluster) -> None:
+    lab.wait_proxy_ready()
+    assert "KPY-SERVICES" in kernel_rules(lab)
+    lab.stop_proxy()
+    for _ in range(2):  # the second run has nothing to remove and still exits 0
+        done = lab.topology.run_in(
+            lab.topology.node_ns,
+            [sys.executable, "-m", "proxy", "--cleanup", "--hostname-override=lab-node"],
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "KPY-" not in kernel_rules(lab)

@@ -7,6 +7,7 @@ from typing import Any
 from proxy.backends.base import BackendError
 from proxy.changes import ChangeTracker
 from proxy.handlers import ServiceHandler, SliceHandler
+from proxy.health import ProxyHealth
 from proxy.model import NodeContext, NodeInfo, ProxyState, ServiceKey, SyncHint
 from proxy.proxier import Proxier
 
@@ -214,3 +215,40 @@ def test_node_zone_change_recomputes_everything() -> None:
     h.proxier.set_node(NodeInfo("n1", ("198.18.0.2",), zone="z1"))
     out = h.tracker.checkout()
     assert out.keys == {ServiceKey("ns", "web"), ServiceKey("ns", "api")}
+
+
+def test_failing_kernel_turns_healthz_503_after_twice_the_sync_period_then_recovers() -> None:
+    """reliability.md row 16/30: health is about queued changes, not about being alive."""
+    now = [1000.0]
+    health = ProxyHealth(timeout=60.0, clock=lambda: now[0], wall_clock=lambda: now[0])
+    h = Harness()
+    h.tracker = ChangeTracker(on_queued=health.queued_update, start_time=0.0)
+    h.proxier = Proxier(
+        backend=h.backend,
+        tracker=h.tracker,
+        node=NodeContext("n1", ("198.18.0.2",), ("198.18.64.0/18",)),
+        metrics=h.metrics,
+        health=health,
+        request_retry=h.retries.append,
+    )
+    services = ServiceHandler(h.tracker, h.proxier.services_synced, lambda *_: None)
+    slices = SliceHandler(h.tracker, h.proxier.slices_synced, lambda *_: None)
+    health.updated()  # the sync loop starts healthy, as upstream's
+    services.on_add(svc("web", "198.19.0.10"))
+    services.on_synced()
+    slices.on_synced()
+    h.backend.fail_next = 100
+    for _ in range(3):
+        h.proxier.sync()
+        now[0] += 19.0
+    assert health.is_healthy()  # the change has waited 57 s of the 60: not late yet
+    now[0] += 4.0
+    h.proxier.sync()
+    assert not health.is_healthy()
+    assert health.healthz().status == 503
+    assert health.livez().status == 503
+    h.backend.fail_next = 0
+    h.proxier.sync()
+    assert health.is_healthy()
+    assert health.healthz().status == 200
+    assert len(h.metrics.failures) == 4
