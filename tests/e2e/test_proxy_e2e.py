@@ -135,6 +135,23 @@ def answers_at_all(lab: LabCluster, ip: str, port: int) -> bool:
     return isinstance(probe(lab.topology.client_ns, ip, port, "tcp", timeout=0.5), EchoReply)
 
 
+def test_node_tainted_for_deletion_fails_healthz_but_not_livez(lab: LabCluster) -> None:
+    lab.wait_proxy_ready()
+    node = lab.api.get("nodes", "lab-node")
+    node.setdefault("spec", {})["taints"] = [
+        {"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}
+    ]
+    lab.api.update("nodes", node)
+    lab.wait_for("/healthz 503", lambda: lab.http_get(HEALTHZ_PORT, "/healthz")[0] == 503)
+    _, body = lab.http_get(HEALTHZ_PORT, "/healthz")
+    assert '"nodeEligible": false' in body
+    assert lab.http_get(HEALTHZ_PORT, "/livez")[0] == 200
+    node = lab.api.get("nodes", "lab-node")
+    node["spec"]["taints"] = []
+    lab.api.update("nodes", node)
+    lab.wait_for("/healthz 200", lambda: lab.http_get(HEALTHZ_PORT, "/healthz")[0] == 200)
+
+
 def test_restart_while_the_api_is_down_keeps_the_rules(lab: LabCluster) -> None:
     lab.wait_proxy_ready()
     if "web-4" not in lab.echo:
