@@ -115,6 +115,8 @@ def start(settings: Settings) -> Proxy:
         request_retry=runner.retry,
         min_retry=max(settings.min_sync_period, 1.0),
         max_retry=settings.sync_period,
+        # kube-proxy's --iptables-sync-period: the periodic run rewrites everything.
+        full_sync_period=settings.sync_period,
     )
 
     def services_synced() -> None:

@@ -39,8 +39,10 @@ def _meta(obj: RawObject) -> tuple[str, str]:
     return str(meta.get("namespace") or "default"), str(meta.get("name") or "")
 
 
-class ServiceHandler:
-    """Services -> tracker."""
+class _TrackerHandler:
+    """What the Service and EndpointSlice handlers share: an update is a fresh add."""
+
+    resource = ""
 
     def __init__(
         self,
@@ -50,7 +52,22 @@ class ServiceHandler:
     ) -> None:
         self._tracker = tracker
         self._on_synced = on_synced
-        self._problems = BadInput("service", count_bad)
+        self._problems = BadInput(self.resource, count_bad)
+
+    def on_add(self, obj: RawObject) -> None:
+        raise NotImplementedError
+
+    def on_update(self, _old: RawObject, new: RawObject) -> None:
+        self.on_add(new)
+
+    def on_synced(self) -> None:
+        self._on_synced()
+
+
+class ServiceHandler(_TrackerHandler):
+    """Services -> tracker."""
+
+    resource = "service"
 
     def on_add(self, obj: RawObject) -> None:
         parsed = parse_service(obj, self._problems)
@@ -61,42 +78,22 @@ class ServiceHandler:
         else:
             self._tracker.set_service(parsed.key, parsed)
 
-    def on_update(self, _old: RawObject, new: RawObject) -> None:
-        self.on_add(new)
-
     def on_delete(self, obj: RawObject) -> None:
         self._tracker.set_service(ServiceKey(*_meta(obj)), None)
 
-    def on_synced(self) -> None:
-        self._on_synced()
 
-
-class SliceHandler:
+class SliceHandler(_TrackerHandler):
     """EndpointSlices -> tracker."""
 
-    def __init__(
-        self,
-        tracker: ChangeTracker,
-        on_synced: Callable[[], None],
-        count_bad: Callable[[str, str], None],
-    ) -> None:
-        self._tracker = tracker
-        self._on_synced = on_synced
-        self._problems = BadInput("endpointslice", count_bad)
+    resource = "endpointslice"
 
     def on_add(self, obj: RawObject) -> None:
         namespace, name = _meta(obj)
         self._tracker.set_slice(namespace, name, parse_slice(obj, self._problems))
 
-    def on_update(self, _old: RawObject, new: RawObject) -> None:
-        self.on_add(new)
-
     def on_delete(self, obj: RawObject) -> None:
         namespace, name = _meta(obj)
         self._tracker.set_slice(namespace, name, None)
-
-    def on_synced(self) -> None:
-        self._on_synced()
 
 
 class NodeHandler:

@@ -42,7 +42,7 @@ from proxy.topology import categorize
 log = logging.getLogger(__name__)
 
 FULL_SYNC_PERIOD = 3600.0
-"""Upstream's FullSyncPeriod: even without drift or errors, rewrite everything hourly."""
+"""Default time between full syncs (upstream's FullSyncPeriod); the app passes the sync period."""
 
 
 class SyncMetrics(Protocol):

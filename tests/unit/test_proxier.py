@@ -252,3 +252,32 @@ def test_failing_kernel_turns_healthz_503_after_twice_the_sync_period_then_recov
     assert health.is_healthy()
     assert health.healthz().status == 200
     assert len(h.metrics.failures) == 4
+
+
+def test_sync_period_forces_a_full_sync_and_partials_in_between() -> None:
+    now = [0.0]
+    h = Harness()
+    h.proxier = Proxier(
+        backend=h.backend,
+        tracker=h.tracker,
+        node=NodeContext("n1", ("198.18.0.2",), ()),
+        metrics=h.metrics,
+        health=h.health,
+        full_sync_period=30.0,
+        clock=lambda: now[0],
+    )
+    services = ServiceHandler(h.tracker, h.proxier.services_synced, lambda *_: None)
+    slices = SliceHandler(h.tracker, h.proxier.slices_synced, lambda *_: None)
+    services.on_add(svc("web", "198.19.0.10"))
+    services.on_synced()
+    slices.on_synced()
+    h.proxier.sync()
+    now[0] = 10.0
+    slices.on_add(eps("web", "198.18.64.5"))
+    h.proxier.sync()
+    now[0] = 20.0
+    h.proxier.sync()  # nothing changed and no full sync due: the kernel is not touched
+    now[0] = 30.0
+    h.proxier.sync()  # the periodic run: full, with nothing changed
+    assert [hint.full for _, hint in h.backend.calls] == [True, False, True]
+    assert h.backend.calls[-1][1].changed == frozenset()
