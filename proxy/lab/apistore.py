@@ -658,6 +658,22 @@ class Store:
         self._notify(changes)
         return stored
 
+    def _checked_body(
+        self, rt: ResourceType, obj: object, *, validate: bool, strict: bool
+    ) -> tuple[Obj, Obj]:
+        """A private copy of a request body, kind-checked and field-validated, and its metadata."""
+        if not isinstance(obj, dict):
+            raise errs.bad_request("the body of the request was not a JSON object")
+        body = self._check_kind(rt, _copy(obj))
+        if strict:
+            self._check_strict(rt, body)
+        elif validate:
+            unknown_fields(rt, body, remove=True)
+        meta = body.get("metadata")
+        if not isinstance(meta, dict):
+            meta = body["metadata"] = {}
+        return body, meta
+
     def _create(
         self,
         resource: str,
@@ -670,16 +686,7 @@ class Store:
     ) -> StoredObject:
         coll = self._collection(resource)
         rt = coll.rt
-        if not isinstance(obj, dict):
-            raise errs.bad_request("the body of the request was not a JSON object")
-        obj = self._check_kind(rt, _copy(obj))
-        if strict:
-            self._check_strict(rt, obj)
-        elif validate:
-            unknown_fields(rt, obj, remove=True)
-        meta = obj.get("metadata")
-        if not isinstance(meta, dict):
-            meta = obj["metadata"] = {}
+        obj, meta = self._checked_body(rt, obj, validate=validate, strict=strict)
         if rt.namespaced:
             body_ns = meta.get("namespace")
             if namespace and body_ns and body_ns != namespace:
@@ -797,16 +804,7 @@ class Store:
     ) -> StoredObject:
         coll = self._collection(resource)
         rt = coll.rt
-        if not isinstance(obj, dict):
-            raise errs.bad_request("the body of the request was not a JSON object")
-        new = self._check_kind(rt, _copy(obj))
-        if strict:
-            self._check_strict(rt, new)
-        elif validate:
-            unknown_fields(rt, new, remove=True)
-        meta = new.get("metadata")
-        if not isinstance(meta, dict):
-            meta = new["metadata"] = {}
+        new, meta = self._checked_body(rt, obj, validate=validate, strict=strict)
         body_name = str(meta.get("name") or "")
         if name is None:
             name = body_name
