@@ -61,8 +61,8 @@ def _ignore(_reason: str, _message: str) -> None:
     """Default sink for callers that do not care about dropped input."""
 
 
-def normalize_ip(text: str) -> str | None:
-    """Canonical form of an IP address, reading IPv4 leading zeros as decimal; None if bad."""
+def parse_ip_sloppy(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP as Go's legacy parser reads it (IPv4 leading zeros are decimal); None if bad."""
     text = text.strip()
     if not text:
         return None
@@ -73,11 +73,17 @@ def normalize_ip(text: str) -> str | None:
         octets = [int(p, 10) for p in parts]
         if any(o > 255 for o in octets):
             return None
-        return ".".join(str(o) for o in octets)
+        return ipaddress.IPv4Address(bytes(octets))
     try:
-        return str(ipaddress.IPv6Address(text))
+        return ipaddress.IPv6Address(text)
     except ValueError:
         return None
+
+
+def normalize_ip(text: str) -> str | None:
+    """Canonical form of an IP address, reading IPv4 leading zeros as decimal; None if bad."""
+    ip = parse_ip_sloppy(text)
+    return None if ip is None else str(ip)
 
 
 def normalize_cidr(text: str) -> str | None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.lab.apierrors import FieldError
+from proxy.parse import parse_ip_sloppy
 
 __all__ = ["DEFAULT_NODE_PORT_RANGE", "ServiceAdmission", "parse_sloppy_ip"]
 
@@ -53,20 +54,9 @@ IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 def parse_sloppy_ip(text: str) -> IP | None:
     """An IP as Go's legacy `ParseIP` reads it (IPv4 octets with leading zeros allowed)."""
-    if not isinstance(text, str) or not text:
-        return None
-    if ":" not in text:
-        parts = text.split(".")
-        if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 for p in parts):
-            return None
-        octets = [int(p, 10) for p in parts]
-        if any(o > 255 for o in octets):
-            return None
-        return ipaddress.IPv4Address(bytes(octets))
-    try:
-        return ipaddress.IPv6Address(text)
-    except ValueError:
-        return None
+    if not isinstance(text, str) or text != text.strip():
+        return None  # the API refuses surrounding blanks; only the proxy forgives them
+    return parse_ip_sloppy(text)
 
 
 def _family(ip: IP) -> str:

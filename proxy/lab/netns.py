@@ -54,12 +54,13 @@ import os
 import re
 import secrets
 import signal
-import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from proxy.kernel.commands import CommandResult, SubprocessRunner
 
 NODE_IP = "198.18.0.2"
 CLIENT_IP = "198.18.0.100"
@@ -83,20 +84,6 @@ class TopologyError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class CommandOutput:
-    """What one command run inside a namespace printed."""
-
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-
-@dataclass(frozen=True, slots=True)
 class Pod:
     """One routed pod: its namespace, its address and the node-side end of its veth."""
 
@@ -106,14 +93,15 @@ class Pod:
     host_veth: str
 
 
-def _run(argv: Sequence[str], *, stdin: str | None = None, timeout: float = 30.0) -> CommandOutput:
-    done = subprocess.run(
-        list(argv), input=stdin, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    return CommandOutput(tuple(argv), done.returncode, done.stdout, done.stderr)
+_TOOLS = SubprocessRunner(timeout=30.0)
+"""Runs ``ip`` and friends on the host; each call is bounded to 30 s."""
 
 
-def _check(argv: Sequence[str], *, stdin: str | None = None) -> CommandOutput:
+def _run(argv: Sequence[str], *, stdin: str | None = None) -> CommandResult:
+    return _TOOLS.run(argv, stdin=stdin)
+
+
+def _check(argv: Sequence[str], *, stdin: str | None = None) -> CommandResult:
     out = _run(argv, stdin=stdin)
     if not out.ok:
         shown = " ".join(argv) + (f" <<< {stdin!r}" if stdin else "")
@@ -363,7 +351,7 @@ class Topology:
 
     def run_in(
         self, netns: str, argv: Sequence[str], *, stdin: str | None = None, check: bool = True
-    ) -> CommandOutput:
+    ) -> CommandResult:
         """Run `argv` inside `netns` (``ip netns exec``) and return what it printed."""
         full = ["ip", "netns", "exec", netns, *argv]
         return _check(full, stdin=stdin) if check else _run(full, stdin=stdin)
