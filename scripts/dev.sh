@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for people and CI.
 #   scripts/dev.sh setup   install system packages and the virtualenv (idempotent)
-#   scripts/dev.sh lab     setup, then run the lab (python -m proxy.lab)
+#   scripts/dev.sh lab     setup, then run the lab (python -m lab)
 #   scripts/dev.sh test    setup, then lint, type-check and run every test suite
 # Must run as root on Debian/Ubuntu: the lab and the kernel tests build network namespaces.
 set -euo pipefail
@@ -45,10 +45,10 @@ setup() {
 
 run_tests() {
   log "ruff"
-  "$VENV/bin/ruff" check proxy tests benchmarks
-  "$VENV/bin/ruff" format --check proxy tests benchmarks
-  log "mypy --strict proxy/"
-  "$VENV/bin/mypy" proxy
+  "$VENV/bin/ruff" check proxy lab tests benchmarks
+  "$VENV/bin/ruff" format --check proxy lab tests benchmarks
+  log "mypy --strict proxy/ lab/"
+  "$VENV/bin/mypy" proxy lab
   log "pytest: unit, kernel and end-to-end suites (kernel tests must not be skipped)"
   "$VENV/bin/pytest" -q -ra tests
   if [ -x scripts/manifests-check.sh ]; then
@@ -63,7 +63,7 @@ run_tests() {
 
 case "${1:-}" in
   setup) setup ;;
-  lab) setup; shift; exec "$VENV/bin/python" -m proxy.lab "$@" ;;
+  lab) setup; shift; exec "$VENV/bin/python" -m lab "$@" ;;
   test) setup; run_tests ;;
   *) echo "usage: $0 setup|lab|test" >&2; exit 2 ;;
 esac

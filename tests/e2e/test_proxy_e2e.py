@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.lab.cluster import HEALTHZ_PORT, LabCluster
-from proxy.lab.probe import EchoReply, ProbeFailure, probe, spread
+from lab.cluster import HEALTHZ_PORT, LabCluster
+from lab.probe import EchoReply, ProbeFailure, probe, spread
 
 pytestmark = pytest.mark.e2e
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from lab.echo import EchoServer, start_echo
+from lab.netns import Pod, Topology, cleanup_stale
 from proxy.backends.base import BackendConfig
-from proxy.lab.echo import EchoServer, start_echo
-from proxy.lab.netns import Pod, Topology, cleanup_stale
 
 ECHO_TCP_PORT = 8080
 ECHO_UDP_PORT = 5353

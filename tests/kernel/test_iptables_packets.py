@@ -9,7 +9,7 @@ except where the rule text is the point (cleanup, foreign chains).
 
 Parametrized over `PACKET_BACKENDS` (conftest): one topology per backend variant, and
 one backend instance per test, cleaned up afterwards, so tests do not depend on each
-other. UDP probes use a fresh source port each time (`proxy.lab.probe`), so conntrack
+other. UDP probes use a fresh source port each time (`lab.probe`), so conntrack
 entries from an earlier probe never pin a flow to an old endpoint.
 """
 
@@ -20,10 +20,10 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import pytest
 
+from lab.netns import CLUSTER_CIDR, NODE_IP
+from lab.probe import EchoReply, ProbeFailure, Proto, probe, spread
 from proxy.backends.base import Backend
 from proxy.backends.base import create as create_backend
-from proxy.lab.netns import CLUSTER_CIDR, NODE_IP
-from proxy.lab.probe import EchoReply, ProbeFailure, Proto, probe, spread
 from proxy.model import (
     Endpoint,
     NodeContext,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from proxy.lab.netns import (
+from lab.netns import (
     CLIENT_IP,
     NODE_IP,
     POD_GATEWAY_IP,
@@ -22,7 +22,7 @@ from proxy.lab.netns import (
     cleanup_stale,
     list_namespaces,
 )
-from proxy.lab.probe import EchoReply, ProbeFailure, probe, spread
+from lab.probe import EchoReply, ProbeFailure, probe, spread
 from tests.kernel.conftest import ECHO_TCP_PORT, ECHO_UDP_PORT, Lab
 
 pytestmark = pytest.mark.kernel

@@ -1,11 +1,11 @@
 """Echo servers that say who answered and whom they saw, for packet tests and the lab.
 
-``python -m proxy.lab.echo --name POD --tcp 8080 --udp 5353 [--tcp ...] [--udp ...]``
+``python -m lab.echo --name POD --tcp 8080 --udp 5353 [--tcp ...] [--udp ...]``
 answers every TCP connection and every UDP datagram with one line::
 
     pod=<name> src=<client ip>:<client port> proto=<tcp|udp> port=<local port>
 
-and exits 0 on SIGTERM (or SIGINT). A test reads the line (`proxy.lab.probe`) to learn
+and exits 0 on SIGTERM (or SIGINT). A test reads the line (`lab.probe`) to learn
 which endpoint a Service sent it to and whether the source was masqueraded.
 
 Design: one thread, one `selectors` loop over every listening socket. A TCP connection
@@ -37,14 +37,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from proxy.lab.probe import EchoReply, probe_tcp, probe_udp
+from lab.probe import EchoReply, probe_tcp, probe_udp
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 """Linux's value; Python 3.11 does not export the constant."""
 _PKTINFO = struct.Struct("=i4s4s")
 """struct in_pktinfo: ifindex, spec_dst (local address), addr (header destination)."""
 _MAX_DATAGRAM = 65535
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def reply_line(pod: str, src: tuple[str, int], proto: str, port: int) -> bytes:
@@ -200,7 +200,7 @@ def start_echo(
 
     Its stdout goes nowhere and its stderr to `log_path` (or nowhere), never to ours.
     """
-    argv = [sys.executable, "-m", "proxy.lab.echo", "--name", name]
+    argv = [sys.executable, "-m", "lab.echo", "--name", name]
     for port in tcp_ports:
         argv += ["--tcp", str(port)]
     for port in udp_ports:
@@ -218,7 +218,7 @@ def start_echo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m proxy.lab.echo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lab.echo", description=__doc__)
     parser.add_argument("--name", required=True, help="pod name to report in every answer")
     parser.add_argument("--tcp", type=int, action="append", default=[], metavar="PORT")
     parser.add_argument("--udp", type=int, action="append", default=[], metavar="PORT")

@@ -8,7 +8,7 @@ then connects, sends and reads in its own thread as usual. The caller's own name
 never changes, and a probe costs well under a millisecond of set-up.
 
 Every probe answers with either an `EchoReply` parsed from the echo server's line
-(`proxy.lab.echo`) or a `ProbeFailure`:
+(`lab.echo`) or a `ProbeFailure`:
 
 - ``refused``: TCP reset, or an ICMP port unreachable (what ``REJECT`` sends) on TCP or UDP;
 - ``timeout``: nothing came back in time (a DROP, or a black hole);
@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from proxy.lab.innetns import run_in_netns
+from lab.innetns import run_in_netns
 
 NETNS_RUN_DIR = "/run/netns"
 DEFAULT_TIMEOUT = 1.0

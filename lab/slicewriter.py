@@ -50,9 +50,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from proxy.lab.apierrors import ApiStatusError
-from proxy.lab.apistore import StoreChange
-from proxy.lab.selectors import LabelSelector
+from lab.apierrors import ApiStatusError
+from lab.apistore import StoreChange
+from lab.selectors import LabelSelector
 
 __all__ = [
     "HEADLESS_LABEL",

@@ -55,11 +55,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.lab import apierrors as errs
-from proxy.lab.apierrors import ApiStatusError, FieldError
-from proxy.lab.apipatch import APPLY_PATCH, MERGE_PATCH, PatchError, apply_patch
-from proxy.lab.apiservices import ServiceAdmission
-from proxy.lab.apitypes import (
+from lab import apierrors as errs
+from lab.apierrors import ApiStatusError, FieldError
+from lab.apipatch import APPLY_PATCH, MERGE_PATCH, PatchError, apply_patch
+from lab.apiservices import ServiceAdmission
+from lab.apitypes import (
     RESOURCES,
     Admission,
     EndpointSliceAdmission,
@@ -71,7 +71,7 @@ from proxy.lab.apitypes import (
     unknown_fields,
     validate_metadata,
 )
-from proxy.lab.selectors import (
+from lab.selectors import (
     FieldSelector,
     LabelSelector,
     SelectorError,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.lab.apiserver import ApiServer, write_kubeconfig
-from proxy.lab.slicewriter import LabPod, SliceWriter
+from lab.apiserver import ApiServer, write_kubeconfig
+from lab.slicewriter import LabPod, SliceWriter
 
 pytestmark = pytest.mark.e2e
 

@@ -1,6 +1,6 @@
 """A one-node lab cluster: the API double, pods with echo servers, and the real proxy.
 
-`LabCluster` is what both `python -m proxy.lab` and the end-to-end tests drive:
+`LabCluster` is what both `python -m lab` and the end-to-end tests drive:
 
 - a `Topology` of network namespaces (node, client, routed pods; see `netns`);
 - the Kubernetes API double (`apiserver`), running on threads of this process but
@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.lab.apiserver import ApiServer, write_kubeconfig
-from proxy.lab.echo import EchoServer, start_echo
-from proxy.lab.innetns import run_in_netns
-from proxy.lab.netns import CLUSTER_CIDR, SERVICE_CIDR, Topology, cleanup_stale
-from proxy.lab.slicewriter import LabPod, SliceWriter
+from lab.apiserver import ApiServer, write_kubeconfig
+from lab.echo import EchoServer, start_echo
+from lab.innetns import run_in_netns
+from lab.netns import CLUSTER_CIDR, SERVICE_CIDR, Topology, cleanup_stale
+from lab.slicewriter import LabPod, SliceWriter
 
 NODE_NAME = "lab-node"
 NAMESPACE = "default"
@@ -47,7 +47,7 @@ ECHO_UDP_PORT = 5353
 METRICS_PORT = 10249
 HEALTHZ_PORT = 10256
 _PR_SET_PDEATHSIG = 1
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _die_with_parent() -> None:

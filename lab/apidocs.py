@@ -23,7 +23,7 @@ import hashlib
 import json
 from typing import Any
 
-from proxy.lab.apitypes import RESOURCES, ResourceType
+from lab.apitypes import RESOURCES, ResourceType
 
 __all__ = [
     "SERVER_VERSION",

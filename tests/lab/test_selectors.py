@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.lab.selectors import (
+from lab.selectors import (
     LabelSelector,
     SelectorError,
     parse_field_selector,

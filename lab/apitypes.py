@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from proxy.lab.apierrors import FieldError
-from proxy.lab.selectors import validate_label_key, validate_label_value
+from lab.apierrors import FieldError
+from lab.selectors import validate_label_key, validate_label_value
 
 __all__ = [
     "RESOURCES",

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from proxy.lab.apiserver import ApiServer
-from proxy.lab.slicewriter import (
+from lab.apiserver import ApiServer
+from lab.slicewriter import (
     HEADLESS_LABEL,
     MANAGED_BY,
     MANAGED_BY_LABEL,

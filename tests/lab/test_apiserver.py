@@ -26,12 +26,12 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
+from lab.apierrors import ApiStatusError
+from lab.apiserver import ApiServer, write_kubeconfig
+from lab.apitables import human_duration
 from proxy.kube.client import ENDPOINTSLICES, NODES, SERVICES, RawApi, load_api_config
 from proxy.kube.listwatch import ApiError, RawObject, WatchExpired, WatchTimeout, list_all
 from proxy.kube.reflector import Reflector
-from proxy.lab.apierrors import ApiStatusError
-from proxy.lab.apiserver import ApiServer, write_kubeconfig
-from proxy.lab.apitables import human_duration
 
 KUBE_PROXY_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
 REPO = Path(__file__).resolve().parents[2]
@@ -1050,7 +1050,7 @@ def test_command_line_server(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "proxy.lab.apiserver",
+            "lab.apiserver",
             "--port",
             str(port),
             "--kubeconfig-out",

@@ -29,7 +29,7 @@ TCP connections stay open: only a client read timeout can notice), `drop_watches
 connection is reset, as a crashing API server would).
 
 Usable in-process (`ApiServer(...).start()`, plus the store methods on plain
-dicts) and as `python -m proxy.lab.apiserver --port N [--kubeconfig-out PATH]`,
+dicts) and as `python -m lab.apiserver --port N [--kubeconfig-out PATH]`,
 which runs until SIGTERM/SIGINT.
 
 Concurrency: `ThreadingHTTPServer`, one daemon thread per connection. A watch
@@ -63,11 +63,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
-from proxy.lab import apidocs
-from proxy.lab import apierrors as errs
-from proxy.lab.apierrors import ApiStatusError
-from proxy.lab.apipatch import MERGE_PATCH, PATCH_TYPES, PatchError, decode_patch
-from proxy.lab.apistore import (
+from lab import apidocs
+from lab import apierrors as errs
+from lab.apierrors import ApiStatusError
+from lab.apipatch import MERGE_PATCH, PATCH_TYPES, PatchError, decode_patch
+from lab.apistore import (
     DEFAULT_HISTORY_SIZE,
     DEFAULT_SERVICE_CIDR,
     QueuedEvent,
@@ -76,8 +76,8 @@ from proxy.lab.apistore import (
     StoredObject,
     Watcher,
 )
-from proxy.lab.apitables import TABLE_CONTENT_TYPE, table
-from proxy.lab.apitypes import RESOURCES, ResourceType
+from lab.apitables import TABLE_CONTENT_TYPE, table
+from lab.apitypes import RESOURCES, ResourceType
 
 __all__ = [
     "DEFAULT_BOOKMARK_INTERVAL",
@@ -976,7 +976,7 @@ def write_kubeconfig(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m proxy.lab.apiserver",
+        prog="python -m lab.apiserver",
         description="The lab's Kubernetes API double (plain HTTP, no auth).",
     )
     parser.add_argument("--host", default="127.0.0.1")

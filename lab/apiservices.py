@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.lab.apierrors import FieldError
+from lab.apierrors import FieldError
 from proxy.parse import parse_ip_sloppy
 
 __all__ = ["DEFAULT_NODE_PORT_RANGE", "ServiceAdmission", "parse_sloppy_ip"]

@@ -1,4 +1,4 @@
-"""`python -m proxy.lab`: watch the real proxy program a one-node cluster, then clean up.
+"""`python -m lab`: watch the real proxy program a one-node cluster, then clean up.
 
 With no arguments it builds the lab (`LabCluster`), creates a few services, shows
 requests to a ClusterIP and a NodePort spreading over pods from inside and outside
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from proxy.lab.cluster import LabCluster
-from proxy.lab.probe import EchoReply, probe, spread
+from lab.cluster import LabCluster
+from lab.probe import EchoReply, probe, spread
 
 WEB = {"app": "web"}
 DNS = {"app": "dns"}
@@ -152,9 +152,7 @@ def report_metrics(m: dict[str, float]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m proxy.lab", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m lab", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--keep", action="store_true", help="leave the lab running until Ctrl-C before cleaning up"
     )
