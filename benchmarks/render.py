@@ -15,7 +15,7 @@ import argparse
 import time
 from collections.abc import Callable
 
-from proxy.backends import iptables_render as render
+from proxy.backends.iptables import render
 from proxy.model import (
     Endpoint,
     NodeContext,

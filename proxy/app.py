@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 
-from proxy.backends.base import Backend, BackendConfig, available, create
+from proxy.backends.base import Backend, BackendConfig, UnknownBackendError, create, known
 from proxy.changes import ChangeTracker
 from proxy.config import Settings
 from proxy.handlers import NodeHandler, ServiceHandler, SliceHandler
@@ -41,8 +41,13 @@ log = logging.getLogger("proxy")
 def cleanup(settings: Settings) -> int:
     """`--cleanup`: remove everything every backend owns; exit 0 also when nothing was there."""
     removed = False
-    for name in available():
-        backend = create(name, BackendConfig(masquerade_bit=settings.masquerade_bit))
+    for name in known():
+        try:
+            backend = create(name, BackendConfig(masquerade_bit=settings.masquerade_bit))
+        except UnknownBackendError as err:
+            # One backend that cannot load must not keep the others' rules in place.
+            log.warning("cleanup skips %s: %s", name, err)
+            continue
         removed = backend.cleanup() or removed
     log.info("cleanup done: %s", "rules removed" if removed else "nothing to remove")
     return 0

@@ -1,6 +1,6 @@
-"""Kernel backends (iptables now; nftables and IPVS join by adding a module here).
+"""Kernel backends, one subpackage each (iptables now; nftables and IPVS join the same way).
 
-Each backend module registers itself with `@register("name")` from
-`proxy.backends.base`; `base.create` imports every module of this package once, so a
-new backend needs no change to the core or to this file.
+A backend subpackage `proxy.backends.<name>` registers itself with `@register("<name>")`
+from `proxy.backends.base` when imported; `base.create(name, config)` imports only that
+subpackage, so a new backend needs no change to the core or to this file.
 """

@@ -3,27 +3,45 @@
 A backend receives, at every sync, the complete node-local desired state
 (`ProxyState`) and a `SyncHint` of what changed since its last successful sync. All
 semantics (which endpoints are usable, traffic policies, topology) are decided before
-the backend is called; a backend only renders that state and writes it to the kernel
-in one atomic step. It keeps whatever private memory of its own output it needs to
-make partial syncs cheap, and must be correct with `hint.full` whatever that memory
-says.
+the backend is called; a backend only renders that state and writes it to the kernel.
 
-Backends register themselves by name (`@register("iptables")`); the core creates
-them with `create(name, config)` and never imports a backend module directly.
+Contract (what the proxier relies on, whatever the kernel API):
+
+- `sync(state, hint)` either returns, meaning the kernel now matches `state`, or
+  raises `BackendError`. A backend that writes in one atomic transaction
+  (`iptables-restore` per table, one `nft -f`) leaves the old state on failure; one
+  that cannot (IPVS over netlink: one message per virtual or real server) may leave
+  any mix of old and new. Either way the proxier's next call is a full sync, and a
+  full sync must converge from whatever is in the kernel, reading it back as needed.
+- A partial sync (`hint.full` false) may trust `hint.changed`: every port not named
+  there is exactly as the previous successful call left it. The work of a partial
+  sync should be proportional to the change, not to the number of services.
+- `drifted()` is cheap and is called on the periodic tick, not on every sync.
+- `cleanup()` removes everything the backend owns and nothing else.
+- Never flush on start or exit: a backend's constructor touches no kernel state.
+
+Backends live one per subpackage, `proxy.backends.<name>`, and register themselves
+with `@register("<name>")` when imported. `create(name, config)` imports only that
+subpackage, so a backend that cannot be imported (a missing library, an unusable
+kernel) breaks neither another mode nor `--cleanup` of the others.
 
 Concurrency: the proxier calls `sync`, `cleanup` and `drifted` from its single sync
 thread, never concurrently, so a backend needs no locking of its own.
+`BackendConfig.request_sync` and the metrics sink may be called from that thread.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from proxy.model import IPFamily, ProxyState, SyncHint
+
+log = logging.getLogger(__name__)
 
 
 class BackendError(Exception):
@@ -35,12 +53,54 @@ class BackendError(Exception):
 
 
 class UnknownBackendError(ValueError):
-    """No backend is registered under the requested name."""
+    """No backend is registered under the requested name, or it cannot be loaded."""
+
+
+class BackendMetrics(Protocol):
+    """What a backend reports about its own work (implemented by `proxy.metrics`)."""
+
+    def set_iptables_rules(self, table: str, count: int) -> None:
+        """Rules we own in one iptables table after a successful sync (upstream's gauge)."""
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        """Time spent in one phase of a sync ("render", "write", "read")."""
+
+
+class NullBackendMetrics:
+    """A metrics sink that drops everything (tests, `--cleanup`)."""
+
+    def set_iptables_rules(self, table: str, count: int) -> None:
+        pass
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        pass
+
+
+def _no_sync_request(_delay: float) -> None:
+    """What `request_sync` does when nobody listens (tests, `--cleanup`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IpvsOptions:
+    """KubeProxyConfiguration `ipvs.*` and the `--ipvs-*` flags (durations in seconds)."""
+
+    scheduler: str = "rr"
+    """IPVS scheduler (`--ipvs-scheduler`); an empty value in the file means rr."""
+    exclude_cidrs: tuple[str, ...] = ()
+    """Virtual servers in these CIDRs are never touched by cleanup (`--ipvs-exclude-cidrs`)."""
+    strict_arp: bool = False
+    """Set arp_ignore=1 and arp_announce=2 (`--ipvs-strict-arp`)."""
+    tcp_timeout: float = 0.0
+    """Idle timeout of IPVS TCP connections; 0 leaves the kernel's value."""
+    tcp_fin_timeout: float = 0.0
+    """Timeout of IPVS TCP connections after a FIN; 0 leaves the kernel's value."""
+    udp_timeout: float = 0.0
+    """Timeout of IPVS UDP flows; 0 leaves the kernel's value."""
 
 
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
-    """Settings fixed for a backend's lifetime."""
+    """Settings fixed for a backend's lifetime, from flags and `KubeProxyConfiguration`."""
 
     family: IPFamily = IPFamily.V4
     masquerade_bit: int = 14
@@ -49,15 +109,26 @@ class BackendConfig:
     """Run every kernel tool inside this named network namespace (tests and the lab)."""
     variant: str | None = None
     """Backend-specific flavour, e.g. "nft" or "legacy" for iptables; None picks one."""
+    sync_period: float = 30.0
+    """`--*-sync-period`: the period of the proxier's tick (canary check, retries)."""
+    ipvs: IpvsOptions = field(default_factory=IpvsOptions)
+    metrics: BackendMetrics = field(default_factory=NullBackendMetrics)
+    """Where the backend reports its own figures."""
+    request_sync: Callable[[float], None] = _no_sync_request
+    """Ask for a sync `delay` seconds from now (e.g. IPVS graceful termination: delete a
+    drained real server later). The sync comes through the proxier like any other."""
+    large_cluster_endpoints: int = 1000
+    """Above this many endpoints on the node, per-endpoint rule comments are dropped
+    (upstream's large-cluster mode) to save memory and kernel work."""
 
 
 class Backend(Protocol):
-    """What every backend (iptables, nftables, IPVS) implements."""
+    """What every backend (iptables, nftables, IPVS) implements; see the module doc."""
 
     name: str
 
     def sync(self, state: ProxyState, hint: SyncHint) -> None:
-        """Make the kernel match `state` in one atomic write, or raise `BackendError`."""
+        """Make the kernel match `state`, or raise `BackendError` (see the contract)."""
 
     def cleanup(self) -> bool:
         """Remove everything this backend owns; return True when anything was removed."""
@@ -75,7 +146,7 @@ def register(name: str) -> Callable[[BackendFactory], BackendFactory]:
     """Class or function decorator registering a backend factory under `name`."""
 
     def decorate(factory: BackendFactory) -> BackendFactory:
-        if name in _registry:
+        if name in _registry and _registry[name] is not factory:
             raise ValueError(f"backend {name!r} registered twice")
         _registry[name] = factory
         return factory
@@ -83,28 +154,46 @@ def register(name: str) -> Callable[[BackendFactory], BackendFactory]:
     return decorate
 
 
-def _load_backend_modules() -> None:
-    """Import every module of `proxy.backends` so each can register itself."""
+def known() -> list[str]:
+    """Names of the backend subpackages present, sorted; nothing is imported."""
     package = importlib.import_module("proxy.backends")
-    for module in pkgutil.iter_modules(package.__path__):
-        if module.name != "base":
-            importlib.import_module(f"proxy.backends.{module.name}")
+    return sorted(module.name for module in pkgutil.iter_modules(package.__path__) if module.ispkg)
+
+
+def load(name: str) -> BackendFactory:
+    """Import `proxy.backends.<name>` (only that) and return the factory it registered.
+
+    Raises `UnknownBackendError` naming the mode when there is no such backend or its
+    module fails to import (the import error is in the message).
+    """
+    if name not in known():
+        names = ", ".join(known()) or "none"
+        raise UnknownBackendError(f"proxy mode {name!r} is not implemented (available: {names})")
+    try:
+        importlib.import_module(f"proxy.backends.{name}")
+    except ImportError as err:
+        raise UnknownBackendError(f"proxy mode {name!r} cannot be loaded: {err}") from err
+    try:
+        return _registry[name]
+    except KeyError:
+        raise UnknownBackendError(
+            f"proxy mode {name!r}: proxy.backends.{name} registered no backend"
+        ) from None
 
 
 def available() -> list[str]:
-    """Names of the registered backends, sorted."""
-    _load_backend_modules()
-    return sorted(_registry)
+    """Names of the backends that import here, sorted (each imported on its own)."""
+    names = []
+    for name in known():
+        try:
+            load(name)
+        except UnknownBackendError as err:
+            log.debug("%s", err)
+            continue
+        names.append(name)
+    return names
 
 
 def create(name: str, config: BackendConfig) -> Backend:
-    """Build the backend registered as `name`."""
-    _load_backend_modules()
-    try:
-        factory = _registry[name]
-    except KeyError:
-        known = ", ".join(available()) or "none"
-        raise UnknownBackendError(
-            f"proxy mode {name!r} is not implemented (available: {known})"
-        ) from None
-    return factory(config)
+    """Build the backend registered as `name`, importing only its subpackage."""
+    return load(name)(config)

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from proxy.backends import iptables_render as render
+from proxy.backends.iptables import render
 from proxy.backends.base import BackendConfig, BackendError, available, create
-from proxy.backends.iptables import IptablesBackend, offending_lines
+from proxy.backends.iptables.backend import IptablesBackend, offending_lines
 from proxy.kernel.iptables import Variant, failed_line
 from proxy.model import (
     Endpoint,

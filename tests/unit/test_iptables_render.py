@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from proxy.backends import iptables_render as render
+from proxy.backends.iptables import render
 from proxy.model import (
     Endpoint,
     IPFamily,

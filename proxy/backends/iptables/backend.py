@@ -2,7 +2,7 @@
 
 Design:
 
-- Rendering is pure (`proxy.backends.iptables_render`); this module decides *what*
+- Rendering is pure (`proxy.backends.iptables.render`); this module decides *what*
   to write at each sync and talks to the tools through `proxy.kernel.iptables`.
 - Every port's rendered chunk is memoised by its `ServicePortState` value, and the
   chunks of the last successful sync are remembered (`_written`). A partial sync
@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from proxy.backends import iptables_render as render
+from proxy.backends.iptables import render
 from proxy.backends.base import Backend, BackendConfig, BackendError, register
 from proxy.kernel.commands import CommandRunner, SubprocessRunner
 from proxy.kernel.iptables import (
