@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from proxy.backends.iptables import render
 from proxy.backends.base import BackendConfig, BackendError, available, create
+from proxy.backends.iptables import render
 from proxy.backends.iptables.backend import IptablesBackend, offending_lines
 from proxy.kernel.iptables import Variant, failed_line
 from proxy.model import (

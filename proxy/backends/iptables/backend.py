@@ -37,8 +37,8 @@ import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from proxy.backends.iptables import render
 from proxy.backends.base import Backend, BackendConfig, BackendError, register
+from proxy.backends.iptables import render
 from proxy.kernel.commands import CommandRunner, SubprocessRunner
 from proxy.kernel.iptables import (
     MODE_ENV,
