@@ -82,34 +82,39 @@ class Proxy:
 
 def start(settings: Settings) -> Proxy:
     """Build every piece and start the threads; returns once the servers listen."""
-    backend = create(settings.proxy_mode, BackendConfig(masquerade_bit=settings.masquerade_bit))
     api = RawApi(load_api_config(settings.kubeconfig, settings.master))
-    metrics = ProxyMetrics(backend=backend.name)
+    metrics = ProxyMetrics(backend=settings.proxy_mode)
     health = ProxyHealth(timeout=2 * settings.sync_period, metrics=metrics)
-    metrics.serve(settings.metrics_bind_address)
-    health.serve(settings.healthz_bind_address)
 
     def queued() -> None:
         health.queued_update()
         metrics.set_last_queued_timestamp(time.time())
         runner.request()
 
+    def sync() -> None:
+        proxier.sync()
+
     tracker = ChangeTracker(on_queued=queued)
+    runner = BoundedFrequencyRunner(
+        sync,
+        min_interval=settings.min_sync_period,
+        max_interval=settings.sync_period,
+    )
+    backend = create(
+        settings.proxy_mode,
+        BackendConfig(
+            masquerade_bit=settings.masquerade_bit,
+            sync_period=settings.sync_period,
+            metrics=metrics,
+            request_sync=runner.retry,
+        ),
+    )
     node = NodeContext(
         node_name=settings.node_name,
         node_ips=(),
         cluster_cidrs=settings.cluster_cidrs,
         masquerade_all=settings.masquerade_all,
         nodeport_addresses=settings.nodeport_addresses,
-    )
-
-    def sync() -> None:
-        proxier.sync()
-
-    runner = BoundedFrequencyRunner(
-        sync,
-        min_interval=settings.min_sync_period,
-        max_interval=settings.sync_period,
     )
     proxier = Proxier(
         backend=backend,
@@ -120,9 +125,10 @@ def start(settings: Settings) -> Proxy:
         request_retry=runner.retry,
         min_retry=max(settings.min_sync_period, 1.0),
         max_retry=settings.sync_period,
-        # kube-proxy's --iptables-sync-period: the periodic run rewrites everything.
-        full_sync_period=settings.sync_period,
+        canary_period=settings.sync_period,
     )
+    metrics.serve(settings.metrics_bind_address)
+    health.serve(settings.healthz_bind_address)
 
     def services_synced() -> None:
         proxier.services_synced()
@@ -134,7 +140,7 @@ def start(settings: Settings) -> Proxy:
 
     def node_changed(info: NodeInfo) -> None:
         health.sync_node(info.eligible)
-        proxier.set_node(info)
+        tracker.set_node(info)
 
     proxy = Proxy(settings, backend, metrics, health, tracker, proxier, runner)
     count_bad = metrics.count_skipped

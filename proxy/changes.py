@@ -13,6 +13,12 @@ The unit of change is a Service (namespace/name): a Service event or an event of
 any of its EndpointSlices marks it dirty. The proxier then recomputes the node-local
 state of that Service's ports and compares it with what it programmed last time, so
 changes that cancel out (add then delete before a sync) never reach the kernel.
+
+This node's Node object goes through here too, so that one checkout returns the
+Node and the dirty set taken under the same lock: a Node update can never land
+between reading the zone and taking the services it applies to. A new zone marks
+every service dirty (topology hints depend on it); any change of the Node is
+reported as `Checkout.node_changed`, for the proxier to pass on to the backend.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from proxy.model import Endpoint, ServiceInfo, ServiceKey, ServicePort, SliceInfo
+from proxy.model import Endpoint, NodeInfo, ServiceInfo, ServiceKey, ServicePort, SliceInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +45,10 @@ class Checkout:
     endpoint_changes: int = 0
     first_queued: float | None = None
     """Wall time of the oldest change in this checkout."""
+    node: NodeInfo | None = None
+    """This node's Node object as of this checkout (None until it has been seen)."""
+    node_changed: bool = False
+    """The Node changed since the previous checkout."""
 
     @property
     def keys(self) -> set[ServiceKey]:
@@ -64,6 +74,8 @@ class ChangeTracker:
         self._service_changes = 0
         self._endpoint_changes = 0
         self._first_queued: float | None = None
+        self._node: NodeInfo | None = None
+        self._node_changed = False
         self._on_queued = on_queued
         self._wall_clock = wall_clock
         # Trigger times older than our start describe changes programmed by someone else.
@@ -116,15 +128,32 @@ class ChangeTracker:
             self._endpoint_changes += 1
         self._on_queued()
 
-    def mark_all(self) -> None:
-        """Mark every known service dirty (the node's addresses or zone changed)."""
+    def set_node(self, info: NodeInfo) -> None:
+        """Record this node's Node object; a new zone makes every service dirty."""
         with self._lock:
-            for key in (*self._services, *self._slices):
-                self._mark(key)
+            old = self._node
+            if old == info:
+                return
+            self._node = info
+            self._node_changed = True
+            if self._first_queued is None:
+                self._first_queued = self._wall_clock()
+            if old is None or old.zone != info.zone:
+                self._mark_all()
         self._on_queued()
 
+    def mark_all(self) -> None:
+        """Mark every known service dirty (after a failure whose extent is unknown)."""
+        with self._lock:
+            self._mark_all()
+        self._on_queued()
+
+    def _mark_all(self) -> None:
+        for key in (*self._services, *self._slices):
+            self._mark(key)
+
     def _mark(self, key: ServiceKey) -> None:
-        if not self._dirty:
+        if self._first_queued is None:
             self._first_queued = self._wall_clock()
         self._dirty.add(key)
 
@@ -150,9 +179,12 @@ class ChangeTracker:
                 service_changes=self._service_changes,
                 endpoint_changes=self._endpoint_changes,
                 first_queued=self._first_queued,
+                node=self._node,
+                node_changed=self._node_changed,
             )
             self._service_changes = self._endpoint_changes = 0
             self._first_queued = None
+            self._node_changed = False
             return result
 
     def all_keys(self) -> set[ServiceKey]:

@@ -5,8 +5,10 @@ as many as they like) holding upstream's metrics (`pkg/proxy/metrics/metrics.go`
 with their names, help texts (with component-base's "[ALPHA] " prefix), label names
 and bucket boundaries, so existing dashboards and alerts work unchanged. Two of our
 own sit beside them, named `kubeproxy_py_*` so nobody mistakes them for upstream's:
-`kubeproxy_py_sync_failures_total{backend}` and
-`kubeproxy_py_skipped_objects_total{resource,reason}`.
+`kubeproxy_py_sync_failures_total{backend}`,
+`kubeproxy_py_skipped_objects_total{resource,reason}` and
+`kubeproxy_py_sync_phase_duration_seconds{phase}` (render, read, write: where a sync's
+time goes, reported by the backend through the seam's metrics sink).
 
 The exposition matches a Go server's where a query could tell the difference:
 prometheus_client's extra `*_created` series are dropped, and histogram `le` labels
@@ -192,6 +194,13 @@ class ProxyMetrics:
             ["resource", "reason"],
             registry=registry,
         )
+        self.sync_phases = Histogram(
+            "kubeproxy_py_sync_phase_duration_seconds",
+            "Time spent in each phase of a backend sync: render, read, write (kube-proxy-py)",
+            ["phase"],
+            buckets=SYNC_DURATION_BUCKETS,
+            registry=registry,
+        )
         self._server: HttpServer | None = None
 
     # -- recording (the proxier's `SyncMetrics`, the handlers' bad-input sink) -----------
@@ -234,6 +243,10 @@ class ProxyMetrics:
     def set_iptables_rules(self, table: str, count: int) -> None:
         """Rules we own in one iptables table ("nat", "filter", "mangle") after a sync."""
         self.iptables_rules.labels(table).set(count)
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        """One phase of a backend sync ("render", "read", "write") took `seconds`."""
+        self.sync_phases.labels(phase).observe(seconds)
 
     def set_no_local_endpoints(self, *, internal: int, external: int) -> None:
         """Services with a Local traffic policy and no local endpoint, recounted each sync."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 
 class Protocol(enum.StrEnum):
@@ -226,10 +227,21 @@ class SyncHint:
     """What changed since the backend's last successful sync.
 
     With `full` the backend must make the kernel match `ProxyState` whatever it
-    believes is there (start-up, after an error, periodic resync). Otherwise `changed`
-    lists every port whose state differs from the last sync, including ports that
-    were removed; all other ports are exactly as last synced.
+    believes is there (start-up, after an error or drift, the hourly resync).
+    Otherwise every port not in `changed` is exactly as the last successful sync left
+    it, and the backend may look at the changed ports only.
+
+    `changed` names every port whose state differs from the last successful sync,
+    including removed ports (absent from `ProxyState.services`); it is filled on full
+    syncs too. `previous` holds, for each changed port that existed then, its state at
+    the last successful sync: what stale-conntrack cleanup compares against, once for
+    every backend. `node_changed` says the `NodeContext` differs from the last
+    successful sync (addresses, which NodePort and IPVS bindings depend on).
     """
 
     full: bool
     changed: frozenset[ServicePortName] = frozenset()
+    previous: Mapping[ServicePortName, ServicePortState] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    node_changed: bool = False

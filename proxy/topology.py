@@ -104,3 +104,26 @@ def categorize(
         external_endpoints=local if port.external_policy_local else cluster,
         all_endpoints=tuple(endpoints),
     )
+
+
+def has_usable_endpoints(endpoints: Iterable[Endpoint]) -> bool:
+    """Upstream's `hasAnyEndpoints`: some endpoint, anywhere, is ready or serving-terminating."""
+    return any(ep.ready or (ep.serving and ep.terminating) for ep in endpoints)
+
+
+def lacks_local_endpoints(state: ServicePortState) -> tuple[bool, bool]:
+    """(internal, external): a Local traffic policy leaves this port with no endpoint on
+    this node although it has usable endpoints elsewhere, so its traffic is dropped.
+
+    Upstream counts these ports in `kubeproxy_sync_proxy_rules_no_local_endpoints_total`
+    (labels "internal" and "external"); a port with no usable endpoint at all is
+    rejected instead and counted in neither.
+    """
+    if not has_usable_endpoints(state.all_endpoints):
+        return False, False
+    port = state.port
+    internal = port.internal_policy_local and not state.cluster_endpoints
+    external = (
+        port.external_policy_local and _externally_accessible(port) and not state.external_endpoints
+    )
+    return internal, external

@@ -24,6 +24,7 @@ from lab.netns import CLUSTER_CIDR, NODE_IP
 from lab.probe import EchoReply, ProbeFailure, Proto, probe, spread
 from proxy.backends.base import Backend
 from proxy.backends.base import create as create_backend
+from proxy.backends.iptables import backend as iptables_backend
 from proxy.model import (
     Endpoint,
     NodeContext,
@@ -374,3 +375,59 @@ def test_drift_is_detected_and_a_full_sync_repairs_it(
     assert backend.drifted() is False
     seen = spread(topo.client_ns, WEB_VIP, SERVICE_PORT["tcp"], "tcp", REQUESTS)
     assert set(seen) == all_pods(packet_lab), seen
+
+
+# ---------------------------------------------------------------- partial syncs on the real tools
+
+
+def _our_rules(lab: Lab, variant: BackendVariant) -> dict[str, list[str]]:
+    """Our rules per table and chain, each chain's rules sorted (their order is free)."""
+    chains: dict[str, list[str]] = {}
+    table = ""
+    for line in _saved(lab, variant):
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(("-A KPY-", ":KPY-")):
+            chain = line.split()[1] if line.startswith("-A") else line[1:].split()[0]
+            chains.setdefault(f"{table} {chain}", [])
+            if line.startswith("-A"):
+                chains[f"{table} {chain}"].append(line)
+    return {chain: sorted(rules) for chain, rules in chains.items()}
+
+
+def test_partial_syncs_end_where_a_full_sync_would(
+    packet_lab: Lab,
+    backend: Backend,
+    backend_variant: BackendVariant,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Services added, emptied, refilled and removed through partial syncs, in batches
+    small enough to split them (iptables-nft): the kernel ends with exactly the rules
+    a fresh full sync of the final state writes, and the NodePorts jump stays last."""
+    monkeypatch.setattr(iptables_backend, "NFT_BATCH_CHAINS", 3)
+    ips = packet_lab.pod_ips()
+    pods = [ips["pod0"], ips["pod1"], ips["pod2"]]
+    extra = [port_state(f"extra{i}", f"198.19.0.{100 + i}", "tcp", pods[i:]) for i in range(3)]
+    backend.sync(state(web(pods[:1])), FULL)
+    steps: list[list[ServicePortState]] = [
+        [*web(pods[:1]), *extra],  # new services: rules inserted into the shared chains
+        [*web(pods), *extra[:1], port_state("extra1", "198.19.0.101", "tcp", ())],  # emptied
+        [*web(pods[1:]), *extra[:1], port_state("extra1", "198.19.0.101", "tcp", pods)],
+        [*web(pods[1:]), *empty()],  # removed, and a service that never had endpoints
+    ]
+    previous: dict[ServicePortName, ServicePortState] = {p.name: p for p in web(pods[:1])}
+    for ports in steps:
+        current = {p.name: p for p in ports}
+        names = {n for n in current.keys() | previous.keys() if current.get(n) != previous.get(n)}
+        backend.sync(state(ports), changed(*names))
+        previous = current
+    after_partials = _our_rules(packet_lab, backend_variant)
+    services = [rule for rule in _saved(packet_lab, backend_variant) if "-A KPY-SERVICES" in rule]
+    assert "KPY-NODEPORTS" in services[-1]
+    seen = spread(packet_lab.topo.client_ns, WEB_VIP, SERVICE_PORT["tcp"], "tcp", REQUESTS)
+    assert set(seen) == {"pod1", "pod2"}, seen
+
+    backend.cleanup()
+    fresh = create_backend(backend_variant.backend, backend_variant.config(packet_lab.topo.node_ns))
+    fresh.sync(state(steps[-1]), FULL)
+    assert after_partials == _our_rules(packet_lab, backend_variant)

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import pytest
 
 from proxy.backends.base import BackendConfig, BackendError, available, create
+from proxy.backends.iptables import backend as backend_module
 from proxy.backends.iptables import render
 from proxy.backends.iptables.backend import IptablesBackend, offending_lines
 from proxy.kernel.iptables import Variant, failed_line
@@ -349,7 +350,9 @@ def test_partial_sync_rewrites_only_the_changed_port(fake: IptablesFake) -> None
     assert f":{api_svc} - [0:0]" in text
     assert f":{web_svc} - [0:0]" not in text
     assert f"-A {web_svc} " not in text
-    assert f"-j {web_svc}" in text  # KPY-SERVICES is rewritten whole
+    assert f"-j {web_svc}" not in text  # the shared chains are edited, not rewritten
+    assert ":KPY-SERVICES" not in text
+    assert "*filter" not in text
     assert "*mangle" not in text
     assert "KPY-POSTROUTING" not in text
     assert "-X " not in text
@@ -357,21 +360,47 @@ def test_partial_sync_rewrites_only_the_changed_port(fake: IptablesFake) -> None
     assert send(fake, POD, "198.19.0.10", 80).endpoints == {"198.18.64.7:8080"}
 
 
-def test_partial_sync_with_nothing_changed_rewrites_only_top_level_chains(
-    fake: IptablesFake,
-) -> None:
+def test_partial_sync_with_nothing_changed_writes_nothing(fake: IptablesFake) -> None:
     web = name_of()
     proxy = backend(fake)
     state = proxy_state(port_state(web, endpoints=("198.18.64.7",)))
     proxy.sync(state, FULL)
+    restores = len(fake.restore_inputs)
     proxy.sync(state, partial())
-    declared = [line for line in fake.restore_inputs[-1].splitlines() if line.startswith(":")]
-    assert declared == [
-        ":KPY-SERVICES - [0:0]",
-        ":KPY-EXTERNAL-SERVICES - [0:0]",
-        ":KPY-SERVICES - [0:0]",
-        ":KPY-NODEPORTS - [0:0]",
-    ]
+    assert len(fake.restore_inputs) == restores
+
+
+def test_partial_sync_trusts_the_hint(fake: IptablesFake) -> None:
+    """The seam's contract: ports not named in hint.changed are not even looked at."""
+    web, api = name_of("web"), name_of("api")
+    proxy = backend(fake)
+    proxy.sync(proxy_state(port_state(web, endpoints=("198.18.64.7",))), FULL)
+    unnamed = proxy_state(
+        port_state(web, endpoints=("198.18.64.7",)),
+        port_state(api, "198.19.0.11", endpoints=("198.18.64.8",)),
+    )
+    proxy.sync(unnamed, partial())
+    assert send(fake, POD, "198.19.0.11", 80).endpoints == set()
+    proxy.sync(unnamed, partial(api))
+    assert send(fake, POD, "198.19.0.11", 80).endpoints == {"198.18.64.8:8080"}
+
+
+def test_a_port_whose_rules_did_not_change_is_not_rewritten(fake: IptablesFake) -> None:
+    web = name_of()
+    proxy = backend(fake)
+    state = port_state(web, endpoints=("198.18.64.7",))
+    proxy.sync(proxy_state(state), FULL)
+    restores = len(fake.restore_inputs)
+    # Only an endpoint nobody may use changed: same rules, nothing to write.
+    unready = Endpoint("198.18.64.9", 8080, ready=False, serving=False)
+    changed = ServicePortState(
+        state.port,
+        state.cluster_endpoints,
+        state.external_endpoints,
+        (*state.all_endpoints, unready),
+    )
+    proxy.sync(proxy_state(changed), partial(web))
+    assert len(fake.restore_inputs) == restores
 
 
 def test_removed_service_chains_are_deleted(fake: IptablesFake) -> None:
@@ -454,9 +483,11 @@ def test_a_changed_node_context_forces_a_full_sync(fake: IptablesFake) -> None:
     proxy = backend(fake)
     proxy.sync(proxy_state(port_state(web, endpoints=("198.18.64.7",))), FULL)
     node = NodeContext("node-a", (NODE_IP,), cluster_cidrs=("198.18.64.0/17",))
+    restores = len(fake.restore_inputs)
     proxy.sync(proxy_state(port_state(web, endpoints=("198.18.64.7",)), node=node), partial())
-    assert fake.restore_inputs[-1].startswith("*mangle\n")
-    assert "! -s 198.18.0.0/17" in fake.restore_inputs[-1]
+    written = "".join(fake.restore_inputs[restores:])
+    assert written.startswith("*mangle\n")
+    assert "! -s 198.18.0.0/17" in written
 
 
 # -- failures ----------------------------------------------------------------------------------
@@ -500,10 +531,12 @@ def test_the_xtables_lock_is_retried_then_reported() -> None:
     fake.hold_lock(1)
     proxy.sync(state, FULL)  # one busy attempt is retried
     fake.hold_lock(2)
+    moved = proxy_state(port_state(name_of(), endpoints=("198.18.64.8",)))
     with pytest.raises(BackendError, match="xtables lock held by another process"):
-        proxy.sync(state, partial())
-    proxy.sync(state, partial())
+        proxy.sync(moved, partial(name_of()))
+    proxy.sync(moved, partial(name_of()))
     assert fake.restore_inputs[-1].startswith("*mangle\n")
+    assert send(fake, POD, "198.19.0.10", 80).endpoints == {"198.18.64.8:8080"}
 
 
 def test_failed_line_understands_every_format_iptables_prints() -> None:
@@ -610,3 +643,112 @@ def test_registered_under_iptables() -> None:
     assert "iptables" in available()
     made = create("iptables", BackendConfig(variant="nft", netns="kpy-unit-never-created"))
     assert made.name == "iptables"
+
+
+# -- scale: batches, counts, large clusters -----------------------------------------------------
+
+
+class RecordingMetrics:
+    def __init__(self) -> None:
+        self.rules: dict[str, int] = {}
+        self.phases: list[str] = []
+
+    def set_iptables_rules(self, table: str, count: int) -> None:
+        self.rules[table] = count
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        assert seconds >= 0
+        self.phases.append(phase)
+
+
+def many(count: int, *, first_ip: int = 1) -> list[ServicePortState]:
+    return [
+        port_state(
+            name_of(f"svc{index}"),
+            f"198.19.1.{index}",
+            node_port=30100 + index if index % 2 else 0,
+            endpoints=(f"198.18.64.{first_ip + index}", f"198.18.65.{first_ip + index}"),
+        )
+        for index in range(count)
+    ]
+
+
+def our_rules(fake: IptablesFake, variant: str, table: str) -> int:
+    return sum(
+        len(fake.rules(table, chain, variant=variant))
+        for chain in fake.chains(table, variant=variant)
+        if chain.startswith("KPY-")
+    )
+
+
+@pytest.mark.parametrize("variant", ["nft", "legacy"])
+def test_rule_count_metric_matches_the_kernel_through_partial_syncs(variant: str) -> None:
+    fake = IptablesFake()
+    metrics = RecordingMetrics()
+    proxy = IptablesBackend(BackendConfig(variant=variant, metrics=metrics), fake)
+    ports = many(6)
+    proxy.sync(proxy_state(*ports), FULL)
+    assert metrics.rules == {
+        "nat": our_rules(fake, variant, "nat"),
+        "filter": our_rules(fake, variant, "filter"),
+    }
+    assert {"render", "read", "write"} <= set(metrics.phases)
+    emptied = port_state(ports[1].name, "198.19.1.1", node_port=30101)
+    proxy.sync(proxy_state(ports[0], emptied, *ports[3:]), partial(ports[1].name, ports[2].name))
+    assert metrics.rules == {
+        "nat": our_rules(fake, variant, "nat"),
+        "filter": our_rules(fake, variant, "filter"),
+    }
+
+
+def test_nft_full_sync_writes_port_chains_in_batches_and_legacy_in_one_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(backend_module, "NFT_BATCH_CHAINS", 6)
+    ports = many(10)  # 3 chains each (SVC + 2 SEP), NodePort ones 4
+    for variant in ("nft", "legacy"):
+        fake = IptablesFake()
+        IptablesBackend(BackendConfig(variant=variant), fake).sync(proxy_state(*ports), FULL)
+        inputs = fake.restore_inputs
+        if variant == "legacy":
+            assert len(inputs) == 1
+        else:
+            assert len(inputs) > 4
+            assert inputs[0].startswith("*mangle\n")  # static chains first
+            assert ":KPY-SERVICES - [0:0]" in inputs[-1]  # top-level chains last
+            assert all(":KPY-SERVICES" not in text for text in inputs[:-1])
+        for state in ports:
+            vip = state.port.cluster_ips[0]
+            lands = send(fake, POD, vip, 80, variant=variant).endpoints
+            assert lands == {f"{ep.ip}:8080" for ep in state.cluster_endpoints}
+
+
+def test_a_large_nft_partial_sync_is_batched_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend_module, "NFT_BATCH_CHAINS", 6)
+    fake = IptablesFake()
+    proxy = backend(fake)
+    proxy.sync(proxy_state(*many(10)), FULL)
+    restores = len(fake.restore_inputs)
+    moved = many(10, first_ip=100)
+    proxy.sync(proxy_state(*moved), partial(*(state.name for state in moved)))
+    assert len(fake.restore_inputs) - restores > 2
+    for state in moved:
+        lands = send(fake, POD, state.port.cluster_ips[0], 80).endpoints
+        assert lands == {f"{ep.ip}:8080" for ep in state.cluster_endpoints}
+    assert not [c for c in fake.chains("nat") if "SEP" in c and c not in _sep_chains(moved)]
+
+
+def _sep_chains(states: Sequence[ServicePortState]) -> set[str]:
+    return {render.endpoint_chain(s.name, ep) for s in states for ep in s.cluster_endpoints}
+
+
+def test_large_cluster_mode_drops_endpoint_comments_above_the_threshold(fake: IptablesFake) -> None:
+    proxy = IptablesBackend(BackendConfig(variant="nft", large_cluster_endpoints=3), fake)
+    small = many(1)
+    proxy.sync(proxy_state(*small), FULL)
+    assert any("->" in rule for chain in fake.chains("nat") for rule in fake.rules("nat", chain))
+    grown = many(3)  # 6 endpoints > 3
+    proxy.sync(proxy_state(*grown), partial(*(state.name for state in grown)))
+    svc = f"KPY-SVC-{render.port_hash(grown[2].name)}"
+    assert not any("->" in rule for rule in fake.rules("nat", svc))
+    assert send(fake, POD, "198.19.1.2", 80).endpoints == {"198.18.64.3:8080", "198.18.65.3:8080"}

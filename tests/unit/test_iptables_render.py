@@ -67,7 +67,7 @@ def context(node: NodeContext = NODE, family: IPFamily = IPFamily.V4) -> render.
 def full_text(states: dict[ServicePortName, ServicePortState], node: NodeContext = NODE) -> str:
     ctx = context(node)
     ports = [render.render_port(name, state, ctx) for name, state in states.items()]
-    return render.render_restore(full=True, ctx=ctx, ports=ports, write=ports)
+    return render.render_full(ctx=ctx, ports=ports)
 
 
 GOLDEN = """\
@@ -136,9 +136,7 @@ def test_golden_first_full_sync_of_a_nodeport_service_and_an_empty_one() -> None
     }
     ctx = context()
     ports = [render.render_port(name, state, ctx) for name, state in states.items()]
-    text = render.render_restore(
-        full=True, ctx=ctx, ports=ports, write=ports, insert_jumps=render.JUMP_RULES
-    )
+    text = render.render_full(ctx=ctx, ports=ports, insert_jumps=render.JUMP_RULES)
     assert text == GOLDEN
 
 
@@ -322,22 +320,48 @@ def test_only_addresses_of_the_backend_family_are_rendered() -> None:
     assert "--to-destination [fd00:198:18::7]:8080" in v6.nat_rules
 
 
-def test_partial_restore_declares_only_what_it_writes_and_deletes_last() -> None:
+def test_partial_restore_writes_only_the_changed_port_and_deletes_last() -> None:
     ctx = context()
     a, b = port_name("a"), port_name("b")
     port_a = render.render_port(a, port_state(a, cluster=("198.18.64.7",)), ctx)
-    port_b = render.render_port(b, port_state(b, "198.19.0.11", cluster=("198.18.64.8",)), ctx)
-    text = render.render_restore(
-        full=False, ctx=ctx, ports=[port_a, port_b], write=[port_b], delete_nat=["KPY-SEP-OLD"]
-    )
-    nat = text.split("*nat\n")[1]
+    old_b = render.render_port(b, port_state(b, "198.19.0.11", cluster=("198.18.64.8",)), ctx)
+    new_b = render.render_port(b, port_state(b, "198.19.0.12", cluster=("198.18.64.9",)), ctx)
+    top = render.top_level_change([old_b.top_level], [new_b.top_level])
+    text = render.render_partial(top=top, write=[new_b], delete_nat=["KPY-SEP-OLD"])
     assert "*mangle" not in text
+    assert "*filter" not in text  # nothing changed there: the table is not written
     assert "KPY-POSTROUTING" not in text
-    assert port_b.nat_declarations in nat
-    assert port_a.nat_declarations not in nat
-    assert port_a.nat_services in nat  # the top-level chain lists every port
+    nat = text.split("*nat\n")[1]
+    assert all(f":{chain} - [0:0]\n" in nat for chain in new_b.nat_chains)
+    assert port_a.nat_services.strip() not in nat  # unchanged ports are not rewritten
+    assert ":KPY-SERVICES - [0:0]" not in nat  # shared chains are edited, never flushed
+    assert f"-D {old_b.nat_services.strip()[3:]}\n" in nat
+    assert f"-I KPY-SERVICES 1 {new_b.nat_services.strip()[16:]}\n" in nat
     assert nat.endswith("-X KPY-SEP-OLD\nCOMMIT\n")
     assert ":KPY-SEP-OLD - [0:0]\n" in nat
+
+
+def test_top_level_edits_leave_a_rule_that_moved_between_ports_alone() -> None:
+    kept = ("-A KPY-SERVICES -d 198.19.0.1/32 -j KPY-SVC-A\n", "", "", "")
+    moved = ("", "-A KPY-NODEPORTS -p tcp -m tcp --dport 30001 -j KPY-EXT-B\n", "", "")
+    rejected = ("", "", "-A KPY-SERVICES -d 198.19.0.2/32 -j REJECT\n", "")
+    change = render.top_level_change([kept, moved], [moved, kept, rejected])
+    assert change.nat_lines == ()
+    assert change.filter_lines == ("-A KPY-SERVICES -d 198.19.0.2/32 -j REJECT\n",)
+    gone = render.top_level_change([rejected], [])
+    assert gone.filter_lines == ("-D KPY-SERVICES -d 198.19.0.2/32 -j REJECT\n",)
+
+
+def test_large_cluster_mode_drops_per_endpoint_comments_only() -> None:
+    name = port_name()
+    state = port_state(name, node_port=30080, cluster=("198.18.64.7", "198.18.64.8"))
+    quiet = render.render_port(name, state, context(), endpoint_comments=False)
+    loud = render.render_port(name, state, context())
+    assert "-> 198.18.64.7:8080" in loud.nat_rules
+    assert "->" not in quiet.nat_rules
+    assert quiet.nat_chains == loud.nat_chains
+    assert quiet.top_level == loud.top_level  # top-level rules keep their comments
+    assert quiet.rule_counts() == loud.rule_counts()
 
 
 def many_services(count: int, endpoints: int) -> dict[ServicePortName, ServicePortState]:
@@ -359,10 +383,13 @@ def test_ten_thousand_services_render_completely_and_partials_stay_small() -> No
     states = many_services(10_000, 10)
     ctx = context()
     ports = [render.render_port(name, state, ctx) for name, state in states.items()]
-    text = render.render_restore(full=True, ctx=ctx, ports=ports, write=ports)
+    text = render.render_full(ctx=ctx, ports=ports)
     assert text.count(":KPY-SEP-") == 100_000
     assert text.count(":KPY-SVC-") == 10_000
-    # A partial sync re-joins cached chunks: only the top-level chains grow with size.
-    partial = render.render_restore(full=False, ctx=ctx, ports=ports, write=ports[:1])
-    assert partial.count(":KPY-SEP-") == 10
-    assert len(partial) < len(text) / 10
+    # A one-port partial sync does not grow with the number of services.
+    name = next(iter(states))
+    changed = render.render_port(name, port_state(name, "198.19.0.0", cluster=["198.18.99.1"]), ctx)
+    top = render.top_level_change([ports[0].top_level], [changed.top_level])
+    partial = render.render_partial(top=top, write=[changed], delete_nat=ports[0].nat_chains[1:])
+    assert partial.count(":KPY-SEP-") == 11
+    assert len(partial) < 4000

@@ -40,6 +40,7 @@ UPSTREAM = {
 OURS = {
     "kubeproxy_py_sync_failures_total": "counter",
     "kubeproxy_py_skipped_objects_total": "counter",
+    "kubeproxy_py_sync_phase_duration_seconds": "histogram",
 }
 
 # Upstream's `le` strings, as Go writes them.
@@ -314,3 +315,12 @@ def test_serving_on_ipv6_loopback() -> None:
         connection.close()
     finally:
         metrics.close()
+
+
+def test_backend_phases_are_exposed_per_phase() -> None:
+    metrics = ProxyMetrics(process_metrics=False)
+    metrics.observe_phase("write", 0.003)
+    metrics.observe_phase("render", 0.2)
+    text = metrics.exposition().decode()
+    assert 'kubeproxy_py_sync_phase_duration_seconds_bucket{le="0.004",phase="write"} 1.0' in text
+    assert 'kubeproxy_py_sync_phase_duration_seconds_count{phase="render"} 1.0' in text

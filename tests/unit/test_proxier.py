@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy import proxier as proxier_module
 from proxy.backends.base import BackendError
 from proxy.changes import ChangeTracker
 from proxy.handlers import ServiceHandler, SliceHandler
@@ -17,10 +18,18 @@ class RecordingBackend:
 
     def __init__(self) -> None:
         self.calls: list[tuple[dict[Any, Any], SyncHint]] = []
+        self.nodes: list[NodeContext] = []
         self.fail_next = 0
         self.drift = False
+        self.drift_checks = 0
+        self.drift_error: Exception | None = None
+        self.crash: Exception | None = None
 
     def sync(self, state: ProxyState, hint: SyncHint) -> None:
+        self.nodes.append(state.node)
+        if self.crash is not None:
+            crash, self.crash = self.crash, None
+            raise crash
         if self.fail_next:
             self.fail_next -= 1
             raise BackendError("refused", offending_lines=["-A KPY-BAD"])
@@ -30,6 +39,10 @@ class RecordingBackend:
         return False
 
     def drifted(self) -> bool:
+        self.drift_checks += 1
+        if self.drift_error is not None:
+            error, self.drift_error = self.drift_error, None
+            raise error
         return self.drift
 
 
@@ -39,6 +52,7 @@ class FakeMetrics:
         self.programming: list[float] = []
         self.failures: list[bool] = []
         self.changes = [0, 0]
+        self.no_local = (-1, -1)
 
     def observe_sync(self, seconds: float, *, full: bool) -> None:
         self.syncs.append((seconds, full))
@@ -58,6 +72,9 @@ class FakeMetrics:
 
     def count_sync_failure(self, *, partial: bool) -> None:
         self.failures.append(partial)
+
+    def set_no_local_endpoints(self, *, internal: int, external: int) -> None:
+        self.no_local = (internal, external)
 
 
 class FakeHealth:
@@ -97,12 +114,13 @@ def eps(name: str, *ips: str, trigger: str | None = None) -> dict[str, Any]:
 
 
 class Harness:
-    def __init__(self, wall: float = 2_000_000_000.0) -> None:
+    def __init__(self, wall: float = 2_000_000_000.0, **proxier_args: Any) -> None:
         self.backend = RecordingBackend()
         self.metrics = FakeMetrics()
         self.health = FakeHealth()
         self.retries: list[float] = []
         self.wall = wall
+        self.now = 0.0
         self.tracker = ChangeTracker(on_queued=self.health.queued_update, start_time=0.0)
         self.proxier = Proxier(
             backend=self.backend,
@@ -112,6 +130,8 @@ class Harness:
             health=self.health,
             request_retry=self.retries.append,
             wall_clock=lambda: self.wall,
+            clock=lambda: self.now,
+            **proxier_args,
         )
         self.bad: list[tuple[str, str]] = []
         count = lambda r, why: self.bad.append((r, why))  # noqa: E731
@@ -135,8 +155,8 @@ def test_nothing_is_written_before_both_lists_synced() -> None:
     assert [e.ip for e in port_state.cluster_endpoints] == ["198.18.64.5"]
 
 
-def synced() -> Harness:
-    h = Harness()
+def synced(h: Harness | None = None) -> Harness:
+    h = h or Harness()
     h.services.on_add(svc("web", "198.19.0.10"))
     h.services.on_add(svc("api", "198.19.0.11"))
     h.slices.on_add(eps("web", "198.18.64.5"))
@@ -202,9 +222,13 @@ def test_failure_retries_with_backoff_then_syncs_fully() -> None:
     assert h.metrics.programming == [1.0]
 
 
-def test_drift_forces_full_sync() -> None:
-    h = synced()
+def test_drift_found_on_the_periodic_tick_forces_a_full_sync() -> None:
+    h = timed()
     h.backend.drift = True
+    h.now = 29.0
+    h.proxier.sync()  # the canary is not due yet: nothing is written
+    assert len(h.backend.calls) == 1
+    h.now = 30.0
     h.proxier.sync()
     _, hint = h.backend.calls[-1]
     assert hint.full and hint.changed == frozenset()
@@ -212,9 +236,11 @@ def test_drift_forces_full_sync() -> None:
 
 def test_node_zone_change_recomputes_everything() -> None:
     h = synced()
-    h.proxier.set_node(NodeInfo("n1", ("198.18.0.2",), zone="z1"))
+    h.tracker.set_node(NodeInfo("n1", ("198.18.0.2",), zone="z1"))
     out = h.tracker.checkout()
     assert out.keys == {ServiceKey("ns", "web"), ServiceKey("ns", "api")}
+    assert out.node is not None and out.node.zone == "z1"
+    assert out.node_changed
 
 
 def test_failing_kernel_turns_healthz_503_after_twice_the_sync_period_then_recovers() -> None:
@@ -254,30 +280,147 @@ def test_failing_kernel_turns_healthz_503_after_twice_the_sync_period_then_recov
     assert len(h.metrics.failures) == 4
 
 
-def test_sync_period_forces_a_full_sync_and_partials_in_between() -> None:
-    now = [0.0]
-    h = Harness()
-    h.proxier = Proxier(
-        backend=h.backend,
-        tracker=h.tracker,
-        node=NodeContext("n1", ("198.18.0.2",), ()),
-        metrics=h.metrics,
-        health=h.health,
-        full_sync_period=30.0,
-        clock=lambda: now[0],
-    )
-    services = ServiceHandler(h.tracker, h.proxier.services_synced, lambda *_: None)
-    slices = SliceHandler(h.tracker, h.proxier.slices_synced, lambda *_: None)
-    services.on_add(svc("web", "198.19.0.10"))
-    services.on_synced()
-    slices.on_synced()
+def timed() -> Harness:
+    """Synced at monotonic time 0 with a 30 s canary period and the default hourly full sync."""
+    return synced(Harness(canary_period=30.0))
+
+
+def test_periodic_ticks_write_only_changes_and_full_syncs_come_hourly() -> None:
+    """Upstream's rules since KEP-3453: the sync period is not a full rewrite."""
+    h = timed()
+    h.now = 10.0
+    h.slices.on_update({}, eps("web", "198.18.64.5", "198.18.64.6"))
     h.proxier.sync()
-    now[0] = 10.0
-    slices.on_add(eps("web", "198.18.64.5"))
+    h.now = 30.0
+    h.proxier.sync()  # the tick: canary checked, nothing changed, nothing written
+    h.now = 31.0
+    h.slices.on_update({}, eps("web", "198.18.64.6"))
     h.proxier.sync()
-    now[0] = 20.0
-    h.proxier.sync()  # nothing changed and no full sync due: the kernel is not touched
-    now[0] = 30.0
-    h.proxier.sync()  # the periodic run: full, with nothing changed
-    assert [hint.full for _, hint in h.backend.calls] == [True, False, True]
+    assert [hint.full for _, hint in h.backend.calls] == [True, False, False]
+    assert h.backend.drift_checks == 1  # on the tick only, never on a change's sync
+    h.now = 3599.0
+    h.proxier.sync()
+    assert len(h.backend.calls) == 3
+    h.now = 3600.0
+    h.proxier.sync()
+    assert [hint.full for _, hint in h.backend.calls] == [True, False, False, True]
     assert h.backend.calls[-1][1].changed == frozenset()
+
+
+def test_a_node_whose_addresses_arrive_after_start_reaches_the_backend() -> None:
+    """Defect: node addresses are not part of any port state, so the change was dropped."""
+    h = synced()
+    assert h.backend.nodes[-1].node_ips == ("198.18.0.2",)
+    h.tracker.set_node(NodeInfo("n1", ("198.18.0.7",)))
+    h.proxier.sync()
+    _, hint = h.backend.calls[-1]
+    assert hint.node_changed and not hint.full and hint.changed == frozenset()
+    assert h.backend.nodes[-1].node_ips == ("198.18.0.7",)
+    h.tracker.set_node(NodeInfo("n1", ("198.18.0.7",)))  # the same again: nothing to do
+    h.proxier.sync()
+    assert len(h.backend.calls) == 2
+
+
+def test_the_zone_used_is_the_one_taken_with_the_dirty_services() -> None:
+    """Defect: the zone was read before the checkout, so a Node update in between was
+    recomputed with the old zone and then counted as clean."""
+    h = synced()
+    hinted = eps("web", "198.18.64.5", "198.18.64.6")
+    hinted["endpoints"][0]["hints"] = {"forZones": [{"name": "z2"}]}
+    hinted["endpoints"][1]["hints"] = {"forZones": [{"name": "z1"}]}
+    h.slices.on_update({}, hinted)
+    real_checkout = h.tracker.checkout
+
+    def checkout_after_a_node_update() -> Any:
+        h.tracker.set_node(NodeInfo("n1", ("198.18.0.2",), zone="z2"))  # lands just before
+        return real_checkout()
+
+    h.tracker.checkout = checkout_after_a_node_update  # type: ignore[method-assign]
+    h.proxier.sync()
+    state, _ = h.backend.calls[-1]
+    web = next(port for name, port in state.items() if name.service.name == "web")
+    assert [ep.ip for ep in web.cluster_endpoints] == ["198.18.64.5"]
+
+
+def test_a_canary_probe_that_raises_loses_no_change() -> None:
+    """Defect: checkout consumed the dirty set, then an OSError outside the try lost it."""
+    h = timed()
+    h.now = 30.0
+    h.slices.on_update({}, eps("web", "198.18.64.9"))
+    h.backend.drift_error = OSError("iptables: cannot exec")
+    updated = h.health.updated_count
+    h.proxier.sync()
+    assert len(h.backend.calls) == 1
+    assert h.health.updated_count == updated  # not reported as synced
+    assert h.retries
+    h.proxier.sync()
+    state, hint = h.backend.calls[-1]
+    assert hint.full
+    assert [str(name) for name in hint.changed] == ["ns/web:http"]
+    web = next(port for name, port in state.items() if name.service.name == "web")
+    assert [ep.ip for ep in web.cluster_endpoints] == ["198.18.64.9"]
+    assert [ep.ip for ep in hint.previous[next(iter(hint.changed))].cluster_endpoints] == [
+        "198.18.64.5"
+    ]
+
+
+def test_a_backend_bug_makes_the_next_sync_full_and_keeps_the_change() -> None:
+    h = synced()
+    h.slices.on_update({}, eps("web", "198.18.64.9"))
+    h.backend.crash = ValueError("a rendering bug")
+    h.proxier.sync()
+    assert h.metrics.failures == [False]
+    h.proxier.sync()
+    _, hint = h.backend.calls[-1]
+    assert hint.full
+    assert [str(name) for name in hint.changed] == ["ns/web:http"]
+
+
+def test_a_change_reverted_before_a_successful_sync_is_not_written() -> None:
+    h = synced()
+    h.backend.fail_next = 1
+    h.slices.on_update({}, eps("web", "198.18.64.9"))
+    h.proxier.sync()  # fails; the change stays owed
+    h.slices.on_update({}, eps("web", "198.18.64.5"))  # back to what the kernel has
+    h.proxier.sync()
+    _, hint = h.backend.calls[-1]
+    assert hint.full  # after a failure, whatever happened
+    assert hint.changed == frozenset()
+
+
+def test_a_service_that_cannot_be_computed_keeps_its_state_and_others_sync(
+    monkeypatch: Any,
+) -> None:
+    h = synced()
+    real = proxier_module.categorize
+
+    def categorize(port: Any, *args: Any) -> Any:
+        if port.name.service.name == "web":
+            raise RuntimeError("a categorisation bug")
+        return real(port, *args)
+
+    monkeypatch.setattr(proxier_module, "categorize", categorize)
+    h.slices.on_update({}, eps("web", "198.18.64.9"))
+    h.slices.on_add(eps("api", "198.18.64.8"))
+    h.proxier.sync()
+    state, hint = h.backend.calls[-1]
+    assert [str(name) for name in hint.changed] == ["ns/api:http"]
+    web = next(port for name, port in state.items() if name.service.name == "web")
+    assert [ep.ip for ep in web.cluster_endpoints] == ["198.18.64.5"]
+
+
+def test_ports_without_local_endpoints_are_counted_every_sync() -> None:
+    h = synced()
+    assert h.metrics.no_local == (0, 0)
+    local = svc("loc", "198.19.0.20", node_port=30020)
+    local["spec"]["internalTrafficPolicy"] = "Local"
+    local["spec"]["externalTrafficPolicy"] = "Local"
+    h.services.on_add(local)
+    remote = eps("loc", "198.18.64.30")
+    remote["endpoints"][0]["nodeName"] = "elsewhere"
+    h.slices.on_add(remote)
+    h.proxier.sync()
+    assert h.metrics.no_local == (1, 1)
+    h.services.on_delete(local)
+    h.proxier.sync()
+    assert h.metrics.no_local == (0, 0)

@@ -1,32 +1,54 @@
-"""The iptables backend: desired state -> one `iptables-restore --noflush` per sync.
+"""The iptables backend: desired state -> `iptables-restore --noflush` inputs.
 
 Design:
 
 - Rendering is pure (`proxy.backends.iptables.render`); this module decides *what*
   to write at each sync and talks to the tools through `proxy.kernel.iptables`.
-- Every port's rendered chunk is memoised by its `ServicePortState` value, and the
-  chunks of the last successful sync are remembered (`_written`). A partial sync
-  rewrites the top-level chains (they list every port) plus the chains of ports
-  whose chunk differs from what was written, and deletes chains of ports or
-  endpoints that went away. The memory is only trusted after a success; any failure
-  forgets it, so the next sync is full whatever the hint says. What to rewrite is
-  decided by comparing chunks, not by `hint.changed`: a port named there whose rules
-  come out identical (say only `all_endpoints` changed) is not rewritten, and a port
-  whose state changed without being named is rewritten anyway.
-- A full sync reads the KPY- chains that exist (`iptables-save -t nat/filter`),
-  rewrites every chain of ours, deletes the ones no longer wanted, and inserts the
-  jump rules from the built-in chains that are missing (seen in that saved output,
-  or else confirmed with `iptables -C`) within the same restore, never twice.
+- Memory of what the kernel holds (`_written`): per port, the chains it owns, a
+  digest of their rules and the lines it put in the shared top-level chains. It is
+  only trusted after a successful write; any failure forgets it, so the next sync is
+  full whatever the hint says. No rendered text is kept between syncs.
+- A partial sync trusts `hint.changed` (the seam's contract) and does work in
+  proportion to it: it renders the changed ports only, rewrites their chains when
+  their rules differ, deletes the chains they no longer use, and edits the shared
+  chains (nat KPY-SERVICES and KPY-NODEPORTS, filter KPY-SERVICES and
+  KPY-EXTERNAL-SERVICES) rule by rule with `-D` / `-I` / `-A` instead of rewriting
+  them. A table with nothing to do is left out of the input.
+- A full sync renders every port, reads the KPY- chains that exist
+  (`iptables-save -t nat/filter`, in a thread while rendering), rewrites every chain
+  of ours, deletes the ones no longer wanted, and inserts the jump rules from the
+  built-in chains that are missing (seen in that saved output, or else confirmed with
+  `iptables -C`) within the same restore, never twice.
 - Only chains named KPY-* are ever written, flushed or deleted; the only rules we
   put into built-in chains are the `JUMP_RULES`.
 
-iptables-restore commits each `*table` section on its own (measured with 1.8.9):
-filter is written before nat, and a nat failure after a committed filter section is
-repaired by the full sync that follows.
+Kernel facts measured on this machine (iptables 1.8.9, kernel 6.18), which shape the
+writes (reproduce with `python -m benchmarks.iptables_layout`):
+
+- iptables-legacy replaces a whole table at each COMMIT: at 10k services x 10
+  endpoints every nat commit costs 1.2-1.6 s however small the change. One input
+  with one section per table is the cheapest.
+- iptables-nft-restore's cost grows with the square of the chains created in one
+  transaction: 2k services x 10 endpoints load in 31 s as one input but in 2.0 s as
+  20 inputs of 100 services (10k x 10: 11 s, where upstream's single restore takes
+  over 10 minutes). So with nft a full sync (or a large partial one) writes the
+  static chains first, then the port chains in batches of about `NFT_BATCH_CHAINS`
+  chains (a port's chains always commit together, so every packet sees each service
+  either old or new), then the top-level chains, deletions and jumps last. A
+  one-endpoint change costs 50 ms at 10k x 10 instead of 1.1 s when the top-level
+  chains are rewritten, and `-D`/`-I` of one top-level rule 150 ms.
+- iptables-restore commits each `*table` section on its own: filter is written
+  before nat, and a failure after a committed section is repaired by the full sync
+  that follows.
+
+Large clusters: above `BackendConfig.large_cluster_endpoints` endpoints (upstream's
+threshold, 1000) the per-endpoint rules are rendered without comments, as upstream's
+large-cluster mode does; it only changes text, so crossing it needs no full sync.
 
 Concurrency: the proxier calls `sync`, `cleanup` and `drifted` from its single sync
 thread; each call blocks on the tools it runs (bounded by the xtables lock wait and
-the runner's timeout). No locking is needed here.
+the runner's timeout). The one helper thread (reading the tables while a full sync
+renders) is joined before `sync` returns.
 """
 
 from __future__ import annotations
@@ -34,7 +56,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from proxy.backends.base import Backend, BackendConfig, BackendError, register
@@ -58,6 +82,8 @@ OFFENDING_CONTEXT = 2
 """Lines shown on either side of the input line iptables-restore refused."""
 MAX_JUMP_DELETES = 16
 """Bound on `-D` repetitions per jump rule during cleanup (duplicates someone else made)."""
+NFT_BATCH_CHAINS = 1000
+"""Chains created per iptables-nft-restore transaction (see the module docstring)."""
 
 
 def offending_lines(text: str, line: int | None, radius: int = OFFENDING_CONTEXT) -> list[str]:
@@ -70,12 +96,37 @@ def offending_lines(text: str, line: int | None, radius: int = OFFENDING_CONTEXT
     return [f"{number}: {lines[number - 1]}" for number in range(first, last + 1)]
 
 
+@dataclass(frozen=True, slots=True)
+class WrittenPort:
+    """What one port has in the kernel after a successful sync (no rule text kept)."""
+
+    chains: tuple[str, ...]
+    rules_digest: int
+    """hash() of the port's chain rules as written: equal text, nothing to rewrite."""
+    top_level: tuple[str, str, str, str]
+    nat_rules: int
+    filter_rules: int
+    endpoints: int
+
+    @classmethod
+    def of(cls, rules: render.PortRules, state: ServicePortState) -> WrittenPort:
+        nat, filter_ = rules.rule_counts()
+        return cls(
+            rules.nat_chains,
+            hash(rules.nat_rules),
+            rules.top_level,
+            nat,
+            filter_,
+            len(state.all_endpoints),
+        )
+
+
 class IptablesBackend:
     """Programs Services with iptables chains named KPY-*.
 
     `runner` runs the tools (a `SubprocessRunner` in the configured namespace unless
     a test injects a fake); `environ` is read for `KPY_IPTABLES_MODE` when the
-    config names no variant; `clock` times the phases for the debug log.
+    config names no variant; `clock` times the phases.
     """
 
     name = "iptables"
@@ -98,10 +149,13 @@ class IptablesBackend:
         self._forced: Variant | None = Variant(forced) if forced else None
         self._ipt: Iptables | None = None
 
-        self._cache: dict[ServicePortName, tuple[ServicePortState, render.PortRules]] = {}
-        self._written: dict[ServicePortName, render.PortRules] | None = None
-        """Chunks of the last successful sync; None means the next sync must be full."""
+        self._written: dict[ServicePortName, WrittenPort] | None = None
+        """What the kernel holds per port; None means the next sync must be full."""
         self._context: render.RenderContext | None = None
+        self._endpoints = 0
+        """Endpoints of every port written, for the large-cluster threshold."""
+        self._counts = (0, 0)
+        """(nat, filter) rules of ours in the kernel, for the metric."""
 
     # -- tools -------------------------------------------------------------------------
 
@@ -121,79 +175,208 @@ class IptablesBackend:
             self._ipt = Iptables(self._runner, tools)
         return self._ipt
 
+    def _batched(self) -> bool:
+        return self._tools().tools.variant is Variant.NFT
+
     # -- sync --------------------------------------------------------------------------
 
-    def _port_rules(
-        self, name: ServicePortName, state: ServicePortState, ctx: render.RenderContext
-    ) -> render.PortRules:
-        cached = self._cache.get(name)
-        if cached is not None and (cached[0] is state or cached[0] == state):
-            return cached[1]
-        rules = render.render_port(name, state, ctx)
-        self._cache[name] = (state, rules)
-        return rules
-
     def sync(self, state: ProxyState, hint: SyncHint) -> None:
-        """Render what changed (everything when full) and write it in one restore."""
-        started = self._clock()
+        """Write what changed (everything when full); see the module docstring."""
         ipt = self._tools()
         ctx = render.RenderContext.build(
             state.node, family=self._config.family, masquerade_bit=self._config.masquerade_bit
         )
-        if ctx != self._context:
-            self._cache.clear()
         written = self._written
         full = hint.full or written is None or ctx != self._context
-
-        current = {
-            name: self._port_rules(name, port_state, ctx)
-            for name, port_state in state.services.items()
-        }
-        for gone in self._cache.keys() - current.keys():
-            del self._cache[gone]
-        ports = list(current.values())
-
         # Forget what was written until this write succeeds: after any failure the
-        # kernel may hold part of it (tables commit one by one), so sync fully next.
+        # kernel may hold part of it (tables and batches commit one by one).
         self._written = None
         try:
             if full or written is None:
-                text = self._full_input(ipt, ctx, ports)
+                written = self._sync_full(ipt, ctx, state)
             else:
-                text = self._partial_input(ctx, current, written)
-            rendered = self._clock()
-            self._restore(ipt, text)
+                self._sync_partial(ipt, ctx, state, hint.changed, written)
         except IptablesError as err:
             raise BackendError(str(err)) from err
-
-        self._written = current
+        self._written = written
         self._context = ctx
-        log.debug(
-            "%s sync of %d ports: render %.1f ms, restore %.1f ms, %d bytes",
-            "full" if full else "partial",
-            len(current),
-            (rendered - started) * 1000,
-            (self._clock() - rendered) * 1000,
-            len(text),
-        )
+        nat, filter_ = self._counts
+        self._config.metrics.set_iptables_rules("nat", nat)
+        self._config.metrics.set_iptables_rules("filter", filter_)
 
-    def _full_input(
-        self, ipt: Iptables, ctx: render.RenderContext, ports: list[render.PortRules]
-    ) -> str:
+    def _comments(self, endpoints: int) -> bool:
+        return endpoints <= self._config.large_cluster_endpoints
+
+    def _sync_full(
+        self, ipt: Iptables, ctx: render.RenderContext, state: ProxyState
+    ) -> dict[ServicePortName, WrittenPort]:
+        started = self._clock()
+        with ThreadPoolExecutor(1, thread_name_prefix="iptables-save") as pool:
+            # Reading the tables takes a second at 10k services on legacy: overlap it.
+            saving = pool.submit(lambda: {table: ipt.save(table) for table in ("nat", "filter")})
+            endpoints = sum(len(port.all_endpoints) for port in state.services.values())
+            comments = self._comments(endpoints)
+            ports: list[render.PortRules] = []
+            written: dict[ServicePortName, WrittenPort] = {}
+            for name, port_state in state.services.items():
+                rules = render.render_port(name, port_state, ctx, endpoint_comments=comments)
+                ports.append(rules)
+                written[name] = WrittenPort.of(rules, port_state)
+            rendered = self._clock()
+            saved = saving.result()
+        read = self._clock()
         wanted_nat = set(render.static_nat_chains(ctx))
         for rules in ports:
             wanted_nat.update(rules.nat_chains)
         wanted_filter = set(render.static_filter_chains())
-        saved = {table: ipt.save(table) for table in ("nat", "filter")}
         existing = {table: ours(text) for table, text in saved.items()}
-        return render.render_restore(
-            full=True,
-            ctx=ctx,
-            ports=ports,
-            write=ports,
-            delete_nat=[chain for chain in existing["nat"] if chain not in wanted_nat],
-            delete_filter=[chain for chain in existing["filter"] if chain not in wanted_filter],
-            insert_jumps=self._missing_jumps(ipt, saved),
+        delete_nat = [chain for chain in existing["nat"] if chain not in wanted_nat]
+        delete_filter = [chain for chain in existing["filter"] if chain not in wanted_filter]
+        jumps = self._missing_jumps(ipt, saved)
+        if self._batched():
+            inputs = [render.render_static(ctx)]
+            inputs.extend(
+                render.render_port_chains(batch) for batch in _batches(ports, NFT_BATCH_CHAINS)
+            )
+            inputs.append(
+                render.render_full(
+                    ctx=ctx,
+                    ports=ports,
+                    delete_nat=delete_nat,
+                    delete_filter=delete_filter,
+                    insert_jumps=jumps,
+                    with_port_chains=False,
+                )
+            )
+        else:
+            inputs = [
+                render.render_full(
+                    ctx=ctx,
+                    ports=ports,
+                    delete_nat=delete_nat,
+                    delete_filter=delete_filter,
+                    insert_jumps=jumps,
+                )
+            ]
+        for text in inputs:
+            self._restore(ipt, text)
+        written_at = self._clock()
+        self._endpoints = endpoints
+        static_nat, static_filter = render.static_rule_counts(ctx)
+        self._counts = (
+            static_nat + sum(port.nat_rules for port in written.values()),
+            static_filter + sum(port.filter_rules for port in written.values()),
+        )
+        self._report(
+            "full",
+            len(ports),
+            started=started,
+            rendered=rendered,
+            read=read,
+            written=written_at,
+            inputs=inputs,
+        )
+        return written
+
+    def _sync_partial(
+        self,
+        ipt: Iptables,
+        ctx: render.RenderContext,
+        state: ProxyState,
+        changed: Iterable[ServicePortName],
+        written: dict[ServicePortName, WrittenPort],
+    ) -> None:
+        """Write the changed ports; updates `written` in place (dropped on failure)."""
+        started = self._clock()
+        endpoints = self._endpoints
+        news: dict[ServicePortName, ServicePortState | None] = {}
+        for name in sorted(changed):  # sorted: the same input for the same change
+            new_state = state.services.get(name)
+            old = written.get(name)
+            endpoints += (len(new_state.all_endpoints) if new_state else 0) - (
+                old.endpoints if old else 0
+            )
+            news[name] = new_state
+        comments = self._comments(endpoints)
+
+        rewrite: list[render.PortRules] = []
+        delete: list[str] = []
+        old_top: list[tuple[str, str, str, str]] = []
+        new_top: list[tuple[str, str, str, str]] = []
+        nat_count, filter_count = self._counts
+        for name, new_state in news.items():
+            old = written.pop(name, None)
+            if old is not None:
+                old_top.append(old.top_level)
+                nat_count -= old.nat_rules
+                filter_count -= old.filter_rules
+            if new_state is None:
+                if old is not None:
+                    delete.extend(old.chains)
+                continue
+            rules = render.render_port(name, new_state, ctx, endpoint_comments=comments)
+            record = WrittenPort.of(rules, new_state)
+            written[name] = record
+            new_top.append(record.top_level)
+            nat_count += record.nat_rules
+            filter_count += record.filter_rules
+            if old is None or old.rules_digest != record.rules_digest:
+                rewrite.append(rules)
+            if old is not None:
+                keep = set(rules.nat_chains)
+                delete.extend(chain for chain in old.chains if chain not in keep)
+        top = render.top_level_change(old_top, new_top)
+        rendered = self._clock()
+
+        chains = sum(len(rules.nat_chains) for rules in rewrite)
+        if self._batched() and chains > NFT_BATCH_CHAINS:
+            batches = list(_batches(rewrite, NFT_BATCH_CHAINS))
+            inputs = [render.render_port_chains(batch) for batch in batches]
+            inputs.append(render.render_partial(top=top, delete_nat=delete))
+        else:
+            inputs = [render.render_partial(top=top, write=rewrite, delete_nat=delete)]
+        inputs = [text for text in inputs if text]
+        for text in inputs:
+            self._restore(ipt, text)
+        self._endpoints = endpoints
+        self._counts = (nat_count, filter_count)
+        self._report(
+            "partial",
+            len(news),
+            started=started,
+            rendered=rendered,
+            read=rendered,
+            written=self._clock(),
+            inputs=inputs,
+        )
+
+    def _report(
+        self,
+        kind: str,
+        ports: int,
+        *,
+        started: float,
+        rendered: float,
+        read: float,
+        written: float,
+        inputs: Sequence[str],
+    ) -> None:
+        """Phase times (render, read, write) to the metrics sink and the debug log."""
+        metrics = self._config.metrics
+        metrics.observe_phase("render", rendered - started)
+        if read > rendered:
+            metrics.observe_phase("read", read - rendered)
+        metrics.observe_phase("write", written - read)
+        log.debug(
+            "%s sync of %d ports: render %.1f ms, read %.1f ms, write %.1f ms "
+            "(%d restore inputs, %d bytes)",
+            kind,
+            ports,
+            (rendered - started) * 1000,
+            (read - rendered) * 1000,
+            (written - read) * 1000,
+            len(inputs),
+            sum(len(text) for text in inputs),
         )
 
     @staticmethod
@@ -210,28 +393,6 @@ class IptablesBackend:
             if render.jump_line(jump) not in lines[jump.table]
             and not ipt.has_rule(jump.table, jump.chain, jump.spec)
         ]
-
-    @staticmethod
-    def _partial_input(
-        ctx: render.RenderContext,
-        current: dict[ServicePortName, render.PortRules],
-        written: dict[ServicePortName, render.PortRules],
-    ) -> str:
-        dirty: list[render.PortRules] = []
-        delete: list[str] = []
-        for name, rules in current.items():
-            old = written.get(name)
-            if old is rules or old == rules:
-                continue
-            dirty.append(rules)
-            if old is not None:
-                keep = set(rules.nat_chains)
-                delete.extend(chain for chain in old.nat_chains if chain not in keep)
-        for name in written.keys() - current.keys():
-            delete.extend(written[name].nat_chains)
-        return render.render_restore(
-            full=False, ctx=ctx, ports=list(current.values()), write=dirty, delete_nat=delete
-        )
 
     def _restore(self, ipt: Iptables, text: str) -> None:
         try:
@@ -260,7 +421,6 @@ class IptablesBackend:
         removes what an earlier run left in the other one.
         """
         self._written = None
-        self._cache.clear()
         targets = [self._forced] if self._forced is not None else [Variant.NFT, Variant.LEGACY]
         removed = False
         for variant in targets:
@@ -292,6 +452,20 @@ class IptablesBackend:
         if removed:
             log.info("removed iptables rules of ours from %s", ipt.tools.restore)
         return removed
+
+
+def _batches(ports: Sequence[render.PortRules], chains: int) -> Iterator[list[render.PortRules]]:
+    """Consecutive groups of ports holding about `chains` chains each (a port is never split)."""
+    batch: list[render.PortRules] = []
+    size = 0
+    for rules in ports:
+        batch.append(rules)
+        size += len(rules.nat_chains)
+        if size >= chains:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def ours_in_table(chains: list[str]) -> list[str]:

@@ -160,7 +160,6 @@ class PortRules:
 
     nat_chains: tuple[str, ...]
     """The nat chains this port owns (SVC, SVL, EXT, SEP); deleted when it goes."""
-    nat_declarations: str
     nat_rules: str
     """The `-A` lines of `nat_chains`."""
     nat_services: str
@@ -168,6 +167,17 @@ class PortRules:
     nat_nodeports: str
     filter_services: str
     filter_external: str
+
+    @property
+    def top_level(self) -> tuple[str, str, str, str]:
+        """The lines this port puts in the shared chains, in `top_level_change` order."""
+        return (self.nat_services, self.nat_nodeports, self.filter_services, self.filter_external)
+
+    def rule_counts(self) -> tuple[int, int]:
+        """(nat, filter) rules this port owns, for kubeproxy_sync_proxy_rules_iptables_total."""
+        nat = self.nat_rules.count("\n") + self.nat_services.count("\n")
+        nat += self.nat_nodeports.count("\n")
+        return nat, self.filter_services.count("\n") + self.filter_external.count("\n")
 
 
 def _family(address: str) -> IPFamily:
@@ -285,19 +295,26 @@ def _targets(endpoints: Sequence[Endpoint], hash_base: str, v6: bool) -> list[_T
     return targets
 
 
-def _cascade(chain: str, comment: str, targets: Sequence[_Target]) -> list[str]:
-    """The random-choice cascade: endpoint i of n is taken with probability 1/(n-i)."""
+def _cascade(chain: str, comment: str | None, targets: Sequence[_Target]) -> list[str]:
+    """The random-choice cascade: endpoint i of n is taken with probability 1/(n-i).
+
+    Without `comment` (large-cluster mode) the rules carry no comment at all.
+    """
     lines: list[str] = []
     last = len(targets) - 1
     for index, (_, address, sep) in enumerate(targets):
+        head = (
+            f"-A {chain} "
+            if comment is None
+            else (f'-A {chain} -m comment --comment "{comment} -> {address}" ')
+        )
         if index < last:
             lines.append(
-                f'-A {chain} -m comment --comment "{comment} -> {address}" '
-                f"-m statistic --mode random --probability {probability(last + 1 - index)} "
-                f"-j {sep}\n"
+                f"{head}-m statistic --mode random --probability "
+                f"{probability(last + 1 - index)} -j {sep}\n"
             )
         else:
-            lines.append(f'-A {chain} -m comment --comment "{comment} -> {address}" -j {sep}\n')
+            lines.append(f"{head}-j {sep}\n")
     return lines
 
 
@@ -390,11 +407,22 @@ def _any_usable(state: ServicePortState) -> bool:
     return any(endpoint.ready or endpoint.serving for endpoint in state.all_endpoints)
 
 
-def render_port(name: ServicePortName, state: ServicePortState, ctx: RenderContext) -> PortRules:
-    """Everything one service port contributes to the nat and filter tables."""
+def render_port(
+    name: ServicePortName,
+    state: ServicePortState,
+    ctx: RenderContext,
+    *,
+    endpoint_comments: bool = True,
+) -> PortRules:
+    """Everything one service port contributes to the nat and filter tables.
+
+    `endpoint_comments` False is upstream's large-cluster mode: the per-endpoint rules
+    of the SVC/SVL cascades carry no comment (the top-level rules always do).
+    """
     port = state.port
     proto = port.protocol.value.lower()
     comment = str(name)
+    cascade_comment = comment if endpoint_comments else None
     hash_base = comment + proto
     suffix = _hash16(hash_base)
     v6 = ctx.family is IPFamily.V6
@@ -419,7 +447,7 @@ def render_port(name: ServicePortName, state: ServicePortState, ctx: RenderConte
             match = _vip_match(vip, proto, port.port, f"{comment} cluster IP", ctx)
             services.append(f"-A {SERVICES} {match} -j {cluster_chain}\n")
             nat.extend(_cluster_masquerade(cluster_chain, match, ctx))
-        nat.extend(_cascade(cluster_chain, comment, cluster))
+        nat.extend(_cascade(cluster_chain, cascade_comment, cluster))
     else:
         local_only = port.internal_policy_local and _any_usable(state)
         reason = _NO_LOCAL_ENDPOINTS if local_only else _NO_ENDPOINTS
@@ -438,7 +466,7 @@ def render_port(name: ServicePortName, state: ServicePortState, ctx: RenderConte
     else:
         external_chain = SVL_PREFIX + suffix
         chains.append(external_chain)
-        nat.extend(_cascade(external_chain, comment, external))
+        nat.extend(_cascade(external_chain, cascade_comment, external))
 
     if port.node_port:
         if cluster_chain is not None or external_chain is not None:
@@ -484,7 +512,6 @@ def render_port(name: ServicePortName, state: ServicePortState, ctx: RenderConte
 
     return PortRules(
         nat_chains=tuple(chains),
-        nat_declarations=_declare(chains),
         nat_rules="".join(nat),
         nat_services="".join(services),
         nat_nodeports="".join(nodeports),
@@ -523,10 +550,13 @@ def _static_filter_rules(ctx: RenderContext) -> list[str]:
     ]
 
 
+def _nat_extra_chains(ctx: RenderContext) -> tuple[str, ...]:
+    return (MARK_NONCLUSTER,) if len(ctx.cluster_cidrs) > 1 else ()
+
+
 def static_nat_chains(ctx: RenderContext) -> tuple[str, ...]:
     """nat chains of ours that exist whatever the services are."""
-    extra = (MARK_NONCLUSTER,) if len(ctx.cluster_cidrs) > 1 else ()
-    return (*NAT_TOP_CHAINS, *NAT_STATIC_CHAINS, *extra)
+    return (*NAT_TOP_CHAINS, *NAT_STATIC_CHAINS, *_nat_extra_chains(ctx))
 
 
 def static_filter_chains() -> tuple[str, ...]:
@@ -543,61 +573,159 @@ def _nodeports_jump(ctx: RenderContext) -> list[str]:
     ]
 
 
-def render_restore(
+def _section(table: str, declare: Iterable[str], body: Iterable[str]) -> str:
+    """One `*table ... COMMIT` section: chains declared (created or flushed), then lines."""
+    return f"*{table}\n{_declare(declare)}{''.join(body)}COMMIT\n"
+
+
+def _deletions(chains: Sequence[str]) -> list[str]:
+    return [f"-X {chain}\n" for chain in chains]
+
+
+def render_full(
     *,
-    full: bool,
     ctx: RenderContext,
     ports: Sequence[PortRules],
-    write: Iterable[PortRules],
     delete_nat: Sequence[str] = (),
     delete_filter: Sequence[str] = (),
     insert_jumps: Sequence[JumpRule] = (),
+    with_port_chains: bool = True,
 ) -> str:
-    """One iptables-restore --noflush input for a sync.
-
-    `ports` is every current port (the top-level chains list them all), `write` the
-    ports whose own chains are (re)written, `delete_*` chains to flush and remove,
-    `insert_jumps` jump rules missing from the built-in chains. A full sync also
-    writes the static chains and the mangle canary.
+    """The input of a full sync: every chain of ours rewritten, stale ones deleted.
 
     Every chain written is declared first (`:CHAIN - [0:0]` creates or flushes it),
     rules follow, then the jumps into them, and deletions come last, once nothing we
     rewrote points at them. Jumps are inserted here rather than with `iptables -I`
     because a single-rule command rewrites the whole table in legacy iptables
     (measured 2.5 s per `-I` at 10k services x 10 endpoints).
+
+    filter is written before nat because each table commits on its own: if nat then
+    fails, a REJECT for a VIP that nat still DNATs is harmless.
+
+    With `with_port_chains` False the per-port chains are left out: they were written
+    beforehand by `render_port_chains` batches (iptables-nft, see the backend), and
+    this input only rewrites the static and top-level chains and deletes what is stale.
     """
+    mangle = _section("mangle", MANGLE_CHAINS, ())
+    filter_body = [
+        *_static_filter_rules(ctx),
+        *(rules.filter_services for rules in ports),
+        *(rules.filter_external for rules in ports),
+        *_insert_lines(insert_jumps, "filter"),
+        *_deletions(delete_filter),
+    ]
+    filter_ = _section("filter", (*static_filter_chains(), *delete_filter), filter_body)
+    nat_declare: list[str] = [*static_nat_chains(ctx)]
+    if with_port_chains:
+        nat_declare.extend(chain for rules in ports for chain in rules.nat_chains)
+    nat_declare.extend(delete_nat)
+    nat_body = [
+        *_static_nat_rules(ctx),
+        *_top_nat_rules(ctx, ports),
+        *((rules.nat_rules for rules in ports) if with_port_chains else ()),
+        *_insert_lines(insert_jumps, "nat"),
+        *_deletions(delete_nat),
+    ]
+    return mangle + filter_ + _section("nat", nat_declare, nat_body)
+
+
+def render_static(ctx: RenderContext) -> str:
+    """The chains that do not depend on services, with their rules (and the canaries).
+
+    Written first when a full sync is split into batches, so that the port chains of
+    the batches can jump to KPY-MARK-MASQ; each chain is flushed and refilled within
+    one table commit, so it is never seen empty.
+    """
+    return (
+        _section("mangle", MANGLE_CHAINS, ())
+        + _section("filter", FILTER_STATIC_CHAINS, _static_filter_rules(ctx))
+        + _section("nat", (*NAT_STATIC_CHAINS, *_nat_extra_chains(ctx)), _static_nat_rules(ctx))
+    )
+
+
+def render_port_chains(ports: Iterable[PortRules], delete: Sequence[str] = ()) -> str:
+    """A nat section (re)writing the chains of `ports`: each port's chains commit together.
+
+    `delete` chains are flushed and deleted at the end of the same section.
+    """
+    written = list(ports)
+    declare = [chain for rules in written for chain in rules.nat_chains]
+    body = [rules.nat_rules for rules in written]
+    return _section("nat", [*declare, *delete], [*body, *_deletions(delete)])
+
+
+@dataclass(frozen=True, slots=True)
+class TopLevelChange:
+    """Rule edits of the top-level chains for a partial sync (lines ready to restore)."""
+
+    filter_lines: tuple[str, ...] = ()
+    nat_lines: tuple[str, ...] = ()
+
+
+def top_level_change(
+    old: Sequence[tuple[str, str, str, str]], new: Sequence[tuple[str, str, str, str]]
+) -> TopLevelChange:
+    """`-D` the top-level rules that went away and add the new ones, nothing else.
+
+    `old` and `new` hold, per changed port, its (nat KPY-SERVICES, nat KPY-NODEPORTS,
+    filter KPY-SERVICES, filter KPY-EXTERNAL-SERVICES) lines as rendered. Rules in
+    these chains match disjoint destinations, so their order does not matter, except
+    that the NodePorts jump must stay last in nat KPY-SERVICES: new ClusterIP rules are
+    inserted at its top. Deletions come before additions, so a rule that only moved
+    from one port to another is deleted and added back, never left twice.
+    """
+    removed: list[list[str]] = [[], [], [], []]
+    added: list[list[str]] = [[], [], [], []]
+    gone = [_lines(column) for column in zip(*old, strict=True)] if old else [set()] * 4
+    come = [_lines(column) for column in zip(*new, strict=True)] if new else [set()] * 4
+    for index in range(4):
+        removed[index] = sorted(gone[index] - come[index])
+        added[index] = sorted(come[index] - gone[index])
+    nat = [*_as_deletes(removed[0]), *_as_deletes(removed[1])]
+    nat.extend(f"-I {SERVICES} 1 {line[len(SERVICES) + 4 :]}\n" for line in added[0])
+    nat.extend(f"{line}\n" for line in added[1])
+    filter_ = [*_as_deletes(removed[2]), *_as_deletes(removed[3])]
+    filter_.extend(f"{line}\n" for index in (2, 3) for line in added[index])
+    return TopLevelChange(filter_lines=tuple(filter_), nat_lines=tuple(nat))
+
+
+def _lines(chunks: Iterable[str]) -> set[str]:
+    return {line for chunk in chunks for line in chunk.splitlines()}
+
+
+def _as_deletes(lines: Iterable[str]) -> list[str]:
+    return [f"-D {line[3:]}\n" for line in lines]
+
+
+def render_partial(
+    *,
+    top: TopLevelChange,
+    write: Sequence[PortRules] = (),
+    delete_nat: Sequence[str] = (),
+) -> str:
+    """A partial sync: rewrite the chains of `write`, edit the top-level chains by rule,
+    delete `delete_nat`. Tables with nothing to do are left out of the input (with
+    legacy iptables every table written is a whole-table replace in the kernel)."""
     out: list[str] = []
-    if full:
-        out.append(f"*mangle\n{_declare(MANGLE_CHAINS)}COMMIT\n")
-
-    # filter: written before nat because each table commits on its own; if nat then
-    # fails, a REJECT for a VIP that nat still DNATs is harmless.
-    out.append("*filter\n")
-    out.append(_declare(static_filter_chains() if full else FILTER_TOP_CHAINS))
-    out.append(_declare(delete_filter))
-    if full:
-        out.extend(_static_filter_rules(ctx))
-    out.extend(rules.filter_services for rules in ports)
-    out.extend(rules.filter_external for rules in ports)
-    out.extend(_insert_lines(insert_jumps, "filter"))
-    out.extend(f"-X {chain}\n" for chain in delete_filter)
-    out.append("COMMIT\n")
-
-    written = list(write)
-    out.append("*nat\n")
-    out.append(_declare(static_nat_chains(ctx) if full else NAT_TOP_CHAINS))
-    out.extend(rules.nat_declarations for rules in written)
-    out.append(_declare(delete_nat))
-    if full:
-        out.extend(_static_nat_rules(ctx))
-    out.extend(rules.nat_services for rules in ports)
-    out.extend(_nodeports_jump(ctx) if ctx.nodeport_scope != () else ())
-    out.extend(rules.nat_nodeports for rules in ports)
-    out.extend(rules.nat_rules for rules in written)
-    out.extend(_insert_lines(insert_jumps, "nat"))
-    out.extend(f"-X {chain}\n" for chain in delete_nat)
-    out.append("COMMIT\n")
+    if top.filter_lines:
+        out.append(_section("filter", (), top.filter_lines))
+    if write or top.nat_lines or delete_nat:
+        declare = [chain for rules in write for chain in rules.nat_chains]
+        body = [
+            *(rules.nat_rules for rules in write),
+            *top.nat_lines,
+            *_deletions(delete_nat),
+        ]
+        out.append(_section("nat", [*declare, *delete_nat], body))
     return "".join(out)
+
+
+def _top_nat_rules(ctx: RenderContext, ports: Sequence[PortRules]) -> list[str]:
+    return [
+        *(rules.nat_services for rules in ports),
+        *(_nodeports_jump(ctx) if ctx.nodeport_scope != () else ()),
+        *(rules.nat_nodeports for rules in ports),
+    ]
 
 
 def _insert_lines(jumps: Sequence[JumpRule], table: str) -> list[str]:
@@ -615,3 +743,9 @@ def render_cleanup(chains_by_table: dict[str, list[str]]) -> str:
         out.extend(f"-X {chain}\n" for chain in chains)
         out.append("COMMIT\n")
     return "".join(out)
+
+
+def static_rule_counts(ctx: RenderContext) -> tuple[int, int]:
+    """(nat, filter) rules of ours that do not belong to a port (static chains, NodePorts jump)."""
+    nodeports = len(_nodeports_jump(ctx)) if ctx.nodeport_scope != () else 0
+    return len(_static_nat_rules(ctx)) + nodeports, len(_static_filter_rules(ctx))
