@@ -89,7 +89,11 @@ def start(settings: Settings) -> Proxy:
     def queued() -> None:
         health.queued_update()
         metrics.set_last_queued_timestamp(time.time())
-        runner.request()
+        # As upstream: no sync is asked for before both lists are in. A run that could
+        # only return early would start the min-sync-period clock and delay the first
+        # real sync by up to --iptables-min-sync-period.
+        if proxier.ready:
+            runner.request()
 
     def sync() -> None:
         proxier.sync()
@@ -132,11 +136,13 @@ def start(settings: Settings) -> Proxy:
 
     def services_synced() -> None:
         proxier.services_synced()
-        runner.request()
+        if proxier.ready:
+            runner.request()
 
     def slices_synced() -> None:
         proxier.slices_synced()
-        runner.request()
+        if proxier.ready:
+            runner.request()
 
     def node_changed(info: NodeInfo) -> None:
         health.sync_node(info.eligible)

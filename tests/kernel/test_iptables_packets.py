@@ -22,7 +22,6 @@ import pytest
 
 from lab.netns import CLUSTER_CIDR, NODE_IP
 from lab.probe import EchoReply, ProbeFailure, Proto, probe, spread
-from proxy.backends.base import Backend
 from proxy.backends.base import create as create_backend
 from proxy.backends.iptables import backend as iptables_backend
 from proxy.model import (
@@ -36,6 +35,7 @@ from proxy.model import (
     ServicePortState,
     SyncHint,
 )
+from tests.fakes.driver import Driven
 from tests.kernel.conftest import (
     ECHO_TCP_PORT,
     ECHO_UDP_PORT,
@@ -141,9 +141,11 @@ def packet_lab(
 
 
 @pytest.fixture
-def backend(packet_lab: Lab, backend_variant: BackendVariant) -> Iterator[Backend]:
+def backend(packet_lab: Lab, backend_variant: BackendVariant) -> Iterator[Driven]:
     """A fresh backend on the node namespace; whatever it wrote is removed afterwards."""
-    made = create_backend(backend_variant.backend, backend_variant.config(packet_lab.topo.node_ns))
+    made = Driven(
+        create_backend(backend_variant.backend, backend_variant.config(packet_lab.topo.node_ns))
+    )
     yield made
     made.cleanup()
 
@@ -177,7 +179,7 @@ def all_pods(lab: Lab) -> set[str]:
 @pytest.mark.parametrize("proto", PROTOS)
 @pytest.mark.parametrize("origin", ["pod", "node", "client"])
 def test_cluster_ip_spreads_over_every_endpoint(
-    packet_lab: Lab, backend: Backend, origin: str, proto: Proto
+    packet_lab: Lab, backend: Driven, origin: str, proto: Proto
 ) -> None:
     backend.sync(state(web(packet_lab.pod_ips().values())), FULL)
     seen = spread(sources(packet_lab)[origin], WEB_VIP, SERVICE_PORT[proto], proto, REQUESTS)
@@ -187,7 +189,7 @@ def test_cluster_ip_spreads_over_every_endpoint(
 @pytest.mark.parametrize("proto", PROTOS)
 @pytest.mark.parametrize("origin", ["pod", "node", "client"])
 def test_node_port_spreads_over_every_endpoint(
-    packet_lab: Lab, backend: Backend, origin: str, proto: Proto
+    packet_lab: Lab, backend: Driven, origin: str, proto: Proto
 ) -> None:
     backend.sync(state(web(packet_lab.pod_ips().values())), FULL)
     seen = spread(sources(packet_lab)[origin], NODE_IP, NODE_PORT[proto], proto, REQUESTS)
@@ -197,7 +199,7 @@ def test_node_port_spreads_over_every_endpoint(
 @pytest.mark.parametrize("proto", PROTOS)
 @pytest.mark.parametrize("origin", ["pod", "node", "client"])
 def test_no_endpoints_is_refused_at_once(
-    packet_lab: Lab, backend: Backend, origin: str, proto: Proto
+    packet_lab: Lab, backend: Driven, origin: str, proto: Proto
 ) -> None:
     backend.sync(state([*web(packet_lab.pod_ips().values()), *empty()]), FULL)
     netns = sources(packet_lab)[origin]
@@ -214,7 +216,7 @@ def test_no_endpoints_is_refused_at_once(
 
 @pytest.mark.parametrize("proto", PROTOS)
 def test_pod_source_is_preserved_to_a_cluster_ip(
-    packet_lab: Lab, backend: Backend, proto: Proto
+    packet_lab: Lab, backend: Driven, proto: Proto
 ) -> None:
     pod0 = packet_lab.pods["pod0"]
     # Endpoints other than pod0 itself: no hairpin, so no reason to masquerade.
@@ -225,7 +227,7 @@ def test_pod_source_is_preserved_to_a_cluster_ip(
 
 @pytest.mark.parametrize("proto", PROTOS)
 def test_client_is_masqueraded_to_a_cluster_ip(
-    packet_lab: Lab, backend: Backend, proto: Proto
+    packet_lab: Lab, backend: Driven, proto: Proto
 ) -> None:
     backend.sync(state(web(packet_lab.pod_ips().values())), FULL)
     seen = source_ips(packet_lab.topo.client_ns, WEB_VIP, SERVICE_PORT[proto], proto)
@@ -235,7 +237,7 @@ def test_client_is_masqueraded_to_a_cluster_ip(
 @pytest.mark.parametrize("proto", PROTOS)
 @pytest.mark.parametrize("origin", ["pod", "node", "client"])
 def test_node_port_is_masqueraded(
-    packet_lab: Lab, backend: Backend, origin: str, proto: Proto
+    packet_lab: Lab, backend: Driven, origin: str, proto: Proto
 ) -> None:
     others = [pod.ip for name, pod in packet_lab.pods.items() if name != "pod0"]
     backend.sync(state(web(others)), FULL)
@@ -245,7 +247,7 @@ def test_node_port_is_masqueraded(
 
 @pytest.mark.parametrize("proto", PROTOS)
 def test_hairpin_to_itself_is_answered_and_masqueraded(
-    packet_lab: Lab, backend: Backend, proto: Proto
+    packet_lab: Lab, backend: Driven, proto: Proto
 ) -> None:
     pod0 = packet_lab.pods["pod0"]
     backend.sync(state(web([pod0.ip])), FULL)
@@ -257,7 +259,7 @@ def test_hairpin_to_itself_is_answered_and_masqueraded(
 
 @pytest.mark.parametrize("proto", PROTOS)
 def test_masquerade_all_masquerades_pod_traffic_too(
-    packet_lab: Lab, backend: Backend, proto: Proto
+    packet_lab: Lab, backend: Driven, proto: Proto
 ) -> None:
     pod0 = packet_lab.pods["pod0"]
     others = [pod.ip for name, pod in packet_lab.pods.items() if name != "pod0"]
@@ -271,7 +273,7 @@ def test_masquerade_all_masquerades_pod_traffic_too(
 
 @pytest.mark.parametrize("proto", PROTOS)
 def test_endpoint_changes_and_service_deletion_converge(
-    packet_lab: Lab, backend: Backend, proto: Proto
+    packet_lab: Lab, backend: Driven, proto: Proto
 ) -> None:
     ips = packet_lab.pod_ips()
     name = port_name("web", proto)
@@ -296,7 +298,7 @@ def test_endpoint_changes_and_service_deletion_converge(
     assert result.kind in {"refused", "timeout"}
 
 
-def test_partial_sync_leaves_other_services_alone(packet_lab: Lab, backend: Backend) -> None:
+def test_partial_sync_leaves_other_services_alone(packet_lab: Lab, backend: Driven) -> None:
     ips = packet_lab.pod_ips()
     tcp_only, udp_only = web([ips["pod0"]], ["tcp"]), web([ips["pod1"]], ["udp"])
     backend.sync(state([*tcp_only, *udp_only]), FULL)
@@ -362,7 +364,7 @@ def test_cleanup_removes_everything_owned_and_leaves_foreign_rules_identical(
 
 
 def test_drift_is_detected_and_a_full_sync_repairs_it(
-    packet_lab: Lab, backend: Backend, backend_variant: BackendVariant
+    packet_lab: Lab, backend: Driven, backend_variant: BackendVariant
 ) -> None:
     topo = packet_lab.topo
     desired = state(web(packet_lab.pod_ips().values()))
@@ -397,7 +399,7 @@ def _our_rules(lab: Lab, variant: BackendVariant) -> dict[str, list[str]]:
 
 def test_partial_syncs_end_where_a_full_sync_would(
     packet_lab: Lab,
-    backend: Backend,
+    backend: Driven,
     backend_variant: BackendVariant,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

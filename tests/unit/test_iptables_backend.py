@@ -31,6 +31,7 @@ from proxy.model import (
     ServicePortState,
     SyncHint,
 )
+from tests.fakes.driver import Driven
 from tests.fakes.iptables_fake import IptablesFake
 from tests.fakes.packet_flow import Trace, trace
 
@@ -86,9 +87,14 @@ def partial(*names: ServicePortName) -> SyncHint:
 
 
 def backend(
-    fake: IptablesFake, variant: str | None = "nft", *, environ: Mapping[str, str] | None = None
-) -> IptablesBackend:
-    return IptablesBackend(BackendConfig(variant=variant), fake, environ=environ)
+    fake: IptablesFake,
+    variant: str | None = "nft",
+    *,
+    environ: Mapping[str, str] | None = None,
+    config: BackendConfig | None = None,
+) -> Driven:
+    config = config or BackendConfig(variant=variant)
+    return Driven(IptablesBackend(config, fake, environ=environ))
 
 
 def send(
@@ -381,7 +387,7 @@ def test_partial_sync_trusts_the_hint(fake: IptablesFake) -> None:
     )
     proxy.sync(unnamed, partial())
     assert send(fake, POD, "198.19.0.11", 80).endpoints == set()
-    proxy.sync(unnamed, partial(api))
+    proxy.backend.sync(unnamed, partial(api))  # named now, new since the last sync
     assert send(fake, POD, "198.19.0.11", 80).endpoints == {"198.18.64.8:8080"}
 
 
@@ -685,7 +691,7 @@ def our_rules(fake: IptablesFake, variant: str, table: str) -> int:
 def test_rule_count_metric_matches_the_kernel_through_partial_syncs(variant: str) -> None:
     fake = IptablesFake()
     metrics = RecordingMetrics()
-    proxy = IptablesBackend(BackendConfig(variant=variant, metrics=metrics), fake)
+    proxy = backend(fake, config=BackendConfig(variant=variant, metrics=metrics))
     ports = many(6)
     proxy.sync(proxy_state(*ports), FULL)
     assert metrics.rules == {
@@ -743,7 +749,7 @@ def _sep_chains(states: Sequence[ServicePortState]) -> set[str]:
 
 
 def test_large_cluster_mode_drops_endpoint_comments_above_the_threshold(fake: IptablesFake) -> None:
-    proxy = IptablesBackend(BackendConfig(variant="nft", large_cluster_endpoints=3), fake)
+    proxy = backend(fake, config=BackendConfig(variant="nft", large_cluster_endpoints=3))
     small = many(1)
     proxy.sync(proxy_state(*small), FULL)
     assert any("->" in rule for chain in fake.chains("nat") for rule in fake.rules("nat", chain))

@@ -4,13 +4,14 @@ Design:
 
 - Rendering is pure (`proxy.backends.iptables.render`); this module decides *what*
   to write at each sync and talks to the tools through `proxy.kernel.iptables`.
-- Memory of what the kernel holds (`_written`): per port, the chains it owns, a
-  digest of their rules and the lines it put in the shared top-level chains. It is
-  only trusted after a successful write; any failure forgets it, so the next sync is
-  full whatever the hint says. No rendered text is kept between syncs.
+- No per-port memory: what the kernel holds for a port is what rendering its
+  `hint.previous` state gives, as long as the last sync succeeded (`_in_sync`, only
+  set after a successful write; any failure clears it, so the next sync is full
+  whatever the hint says). At 10k services that saves the 100k chain names a
+  record of our own output would keep.
 - A partial sync trusts `hint.changed` (the seam's contract) and does work in
-  proportion to it: it renders the changed ports only, rewrites their chains when
-  their rules differ, deletes the chains they no longer use, and edits the shared
+  proportion to it: it renders the changed ports (before and after), rewrites their
+  chains when their rules differ, deletes the chains they no longer use, and edits the shared
   chains (nat KPY-SERVICES and KPY-NODEPORTS, filter KPY-SERVICES and
   KPY-EXTERNAL-SERVICES) rule by rule with `-D` / `-I` / `-A` instead of rewriting
   them. A table with nothing to do is left out of the input.
@@ -56,9 +57,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import MappingProxyType
 
 from proxy.backends.base import Backend, BackendConfig, BackendError, register
@@ -96,31 +96,6 @@ def offending_lines(text: str, line: int | None, radius: int = OFFENDING_CONTEXT
     return [f"{number}: {lines[number - 1]}" for number in range(first, last + 1)]
 
 
-@dataclass(frozen=True, slots=True)
-class WrittenPort:
-    """What one port has in the kernel after a successful sync (no rule text kept)."""
-
-    chains: tuple[str, ...]
-    rules_digest: int
-    """hash() of the port's chain rules as written: equal text, nothing to rewrite."""
-    top_level: tuple[str, str, str, str]
-    nat_rules: int
-    filter_rules: int
-    endpoints: int
-
-    @classmethod
-    def of(cls, rules: render.PortRules, state: ServicePortState) -> WrittenPort:
-        nat, filter_ = rules.rule_counts()
-        return cls(
-            rules.nat_chains,
-            hash(rules.nat_rules),
-            rules.top_level,
-            nat,
-            filter_,
-            len(state.all_endpoints),
-        )
-
-
 class IptablesBackend:
     """Programs Services with iptables chains named KPY-*.
 
@@ -149,8 +124,8 @@ class IptablesBackend:
         self._forced: Variant | None = Variant(forced) if forced else None
         self._ipt: Iptables | None = None
 
-        self._written: dict[ServicePortName, WrittenPort] | None = None
-        """What the kernel holds per port; None means the next sync must be full."""
+        self._in_sync = False
+        """The kernel holds the state of the last successful sync; False: sync fully."""
         self._context: render.RenderContext | None = None
         self._endpoints = 0
         """Endpoints of every port written, for the large-cluster threshold."""
@@ -186,19 +161,18 @@ class IptablesBackend:
         ctx = render.RenderContext.build(
             state.node, family=self._config.family, masquerade_bit=self._config.masquerade_bit
         )
-        written = self._written
-        full = hint.full or written is None or ctx != self._context
-        # Forget what was written until this write succeeds: after any failure the
-        # kernel may hold part of it (tables and batches commit one by one).
-        self._written = None
+        full = hint.full or not self._in_sync or ctx != self._context
+        # Trust nothing until this write succeeds: after any failure the kernel may
+        # hold part of it (tables and batches commit one by one).
+        self._in_sync = False
         try:
-            if full or written is None:
-                written = self._sync_full(ipt, ctx, state)
+            if full:
+                self._sync_full(ipt, ctx, state)
             else:
-                self._sync_partial(ipt, ctx, state, hint.changed, written)
+                self._sync_partial(ipt, ctx, state, hint)
         except IptablesError as err:
             raise BackendError(str(err)) from err
-        self._written = written
+        self._in_sync = True
         self._context = ctx
         nat, filter_ = self._counts
         self._config.metrics.set_iptables_rules("nat", nat)
@@ -207,21 +181,17 @@ class IptablesBackend:
     def _comments(self, endpoints: int) -> bool:
         return endpoints <= self._config.large_cluster_endpoints
 
-    def _sync_full(
-        self, ipt: Iptables, ctx: render.RenderContext, state: ProxyState
-    ) -> dict[ServicePortName, WrittenPort]:
+    def _sync_full(self, ipt: Iptables, ctx: render.RenderContext, state: ProxyState) -> None:
         started = self._clock()
         with ThreadPoolExecutor(1, thread_name_prefix="iptables-save") as pool:
             # Reading the tables takes a second at 10k services on legacy: overlap it.
             saving = pool.submit(lambda: {table: ipt.save(table) for table in ("nat", "filter")})
             endpoints = sum(len(port.all_endpoints) for port in state.services.values())
             comments = self._comments(endpoints)
-            ports: list[render.PortRules] = []
-            written: dict[ServicePortName, WrittenPort] = {}
-            for name, port_state in state.services.items():
-                rules = render.render_port(name, port_state, ctx, endpoint_comments=comments)
-                ports.append(rules)
-                written[name] = WrittenPort.of(rules, port_state)
+            ports = [
+                render.render_port(name, port_state, ctx, endpoint_comments=comments)
+                for name, port_state in state.services.items()
+            ]
             rendered = self._clock()
             saved = saving.result()
         read = self._clock()
@@ -262,11 +232,12 @@ class IptablesBackend:
             self._restore(ipt, text)
         written_at = self._clock()
         self._endpoints = endpoints
-        static_nat, static_filter = render.static_rule_counts(ctx)
-        self._counts = (
-            static_nat + sum(port.nat_rules for port in written.values()),
-            static_filter + sum(port.filter_rules for port in written.values()),
-        )
+        nat, filter_ = render.static_rule_counts(ctx)
+        for rules in ports:
+            port_nat, port_filter = rules.rule_counts()
+            nat += port_nat
+            filter_ += port_filter
+        self._counts = (nat, filter_)
         self._report(
             "full",
             len(ports),
@@ -276,27 +247,27 @@ class IptablesBackend:
             written=written_at,
             inputs=inputs,
         )
-        return written
 
     def _sync_partial(
-        self,
-        ipt: Iptables,
-        ctx: render.RenderContext,
-        state: ProxyState,
-        changed: Iterable[ServicePortName],
-        written: dict[ServicePortName, WrittenPort],
+        self, ipt: Iptables, ctx: render.RenderContext, state: ProxyState, hint: SyncHint
     ) -> None:
-        """Write the changed ports; updates `written` in place (dropped on failure)."""
+        """Write the ports named in the hint; what they were comes from `hint.previous`.
+
+        Since the last sync succeeded, the kernel holds exactly what rendering the
+        previous states gives: their chains, their top-level rules. Nothing is kept
+        between syncs to know it. (Were the hint wrong, a `-D` of a rule that is not
+        there fails the restore, and the full sync that follows repairs everything.)
+        """
         started = self._clock()
+        changes: list[tuple[ServicePortName, ServicePortState | None, ServicePortState | None]]
+        changes = [
+            (name, hint.previous.get(name), state.services.get(name))
+            for name in sorted(hint.changed)  # sorted: the same input for the same change
+        ]
         endpoints = self._endpoints
-        news: dict[ServicePortName, ServicePortState | None] = {}
-        for name in sorted(changed):  # sorted: the same input for the same change
-            new_state = state.services.get(name)
-            old = written.get(name)
-            endpoints += (len(new_state.all_endpoints) if new_state else 0) - (
-                old.endpoints if old else 0
-            )
-            news[name] = new_state
+        for _, old_state, new_state in changes:
+            endpoints += len(new_state.all_endpoints) if new_state else 0
+            endpoints -= len(old_state.all_endpoints) if old_state else 0
         comments = self._comments(endpoints)
 
         rewrite: list[render.PortRules] = []
@@ -304,34 +275,29 @@ class IptablesBackend:
         old_top: list[tuple[str, str, str, str]] = []
         new_top: list[tuple[str, str, str, str]] = []
         nat_count, filter_count = self._counts
-        for name, new_state in news.items():
-            old = written.pop(name, None)
-            if old is not None:
+        for name, old_state, new_state in changes:
+            old = new = None
+            if old_state is not None:
+                old = render.render_port(name, old_state, ctx, endpoint_comments=comments)
                 old_top.append(old.top_level)
-                nat_count -= old.nat_rules
-                filter_count -= old.filter_rules
-            if new_state is None:
-                if old is not None:
-                    delete.extend(old.chains)
-                continue
-            rules = render.render_port(name, new_state, ctx, endpoint_comments=comments)
-            record = WrittenPort.of(rules, new_state)
-            written[name] = record
-            new_top.append(record.top_level)
-            nat_count += record.nat_rules
-            filter_count += record.filter_rules
-            if old is None or old.rules_digest != record.rules_digest:
-                rewrite.append(rules)
+                nat, filter_ = old.rule_counts()
+                nat_count, filter_count = nat_count - nat, filter_count - filter_
+            if new_state is not None:
+                new = render.render_port(name, new_state, ctx, endpoint_comments=comments)
+                new_top.append(new.top_level)
+                nat, filter_ = new.rule_counts()
+                nat_count, filter_count = nat_count + nat, filter_count + filter_
+                if old is None or old.nat_rules != new.nat_rules:
+                    rewrite.append(new)
             if old is not None:
-                keep = set(rules.nat_chains)
-                delete.extend(chain for chain in old.chains if chain not in keep)
+                keep = set(new.nat_chains) if new is not None else set()
+                delete.extend(chain for chain in old.nat_chains if chain not in keep)
         top = render.top_level_change(old_top, new_top)
         rendered = self._clock()
 
         chains = sum(len(rules.nat_chains) for rules in rewrite)
         if self._batched() and chains > NFT_BATCH_CHAINS:
-            batches = list(_batches(rewrite, NFT_BATCH_CHAINS))
-            inputs = [render.render_port_chains(batch) for batch in batches]
+            inputs = [render.render_port_chains(b) for b in _batches(rewrite, NFT_BATCH_CHAINS)]
             inputs.append(render.render_partial(top=top, delete_nat=delete))
         else:
             inputs = [render.render_partial(top=top, write=rewrite, delete_nat=delete)]
@@ -342,7 +308,7 @@ class IptablesBackend:
         self._counts = (nat_count, filter_count)
         self._report(
             "partial",
-            len(news),
+            len(changes),
             started=started,
             rendered=rendered,
             read=rendered,
@@ -420,7 +386,7 @@ class IptablesBackend:
         Without a configured or forced variant both are cleaned, so `--cleanup` also
         removes what an earlier run left in the other one.
         """
-        self._written = None
+        self._in_sync = False
         targets = [self._forced] if self._forced is not None else [Variant.NFT, Variant.LEGACY]
         removed = False
         for variant in targets:
