@@ -47,6 +47,7 @@ from typing import Protocol
 
 from proxy.backends.base import Backend, BackendError
 from proxy.changes import ChangeTracker, Checkout, merge_endpoints
+from proxy.memory import release_free_memory
 from proxy.model import (
     NodeContext,
     NodeInfo,
@@ -301,6 +302,7 @@ class Proxier:
         if full:
             self._last_full = started
             self._last_canary = started
+            release_free_memory()  # the transient peak of a full sync is over
         self._failures = 0
         self._metrics.set_no_local_endpoints(
             internal=len(self._no_local_internal), external=len(self._no_local_external)

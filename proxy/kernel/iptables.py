@@ -29,13 +29,16 @@ from __future__ import annotations
 import enum
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from proxy.kernel.commands import CommandResult, CommandRunner
 from proxy.model import IPFamily
 
 log = logging.getLogger(__name__)
+
+InputSource = str | Callable[[], Iterable[str]]
+"""A restore input: a text, or a function producing its chunks (called once per attempt)."""
 
 MODE_ENV = "KPY_IPTABLES_MODE"
 """Environment variable forcing the variant when none is configured ("nft" or "legacy")."""
@@ -154,13 +157,21 @@ class Iptables:
         self._lock_wait = lock_wait
         self._lock_attempts = max(1, lock_attempts)
 
-    def _run(self, argv: Sequence[str], *, stdin: str | None = None) -> CommandResult:
-        """Run a tool, retrying while the xtables lock is held by someone else."""
-        result = self._runner.run(argv, stdin=stdin)
+    def _run(self, argv: Sequence[str], *, stdin: InputSource | None = None) -> CommandResult:
+        """Run a tool, retrying while the xtables lock is held by someone else.
+
+        A streamed input is produced anew for each attempt (a generator can be read once).
+        """
+
+        def attempt() -> CommandResult:
+            given = stdin if stdin is None or isinstance(stdin, str) else stdin()
+            return self._runner.run(argv, stdin=given)
+
+        result = attempt()
         attempts = 1
         while is_lock_timeout(result) and attempts < self._lock_attempts:
             log.warning("xtables lock busy for %d s, retrying %s", self._lock_wait, argv[0])
-            result = self._runner.run(argv, stdin=stdin)
+            result = attempt()
             attempts += 1
         if is_lock_timeout(result):
             raise IptablesLockError(
@@ -172,8 +183,9 @@ class Iptables:
 
     # -- whole tables --------------------------------------------------------------------
 
-    def restore(self, text: str, *, noflush: bool = True) -> None:
-        """Feed `text` to iptables-restore; each `*table` section commits on its own."""
+    def restore(self, text: InputSource, *, noflush: bool = True) -> None:
+        """Feed `text`, or the chunks `text()` yields (streamed), to iptables-restore;
+        each `*table` section commits on its own."""
         argv = [self.tools.restore, *self._wait]
         if noflush:
             argv.append("--noflush")

@@ -255,7 +255,15 @@ class Reflector:
             self._sleep(delay)
 
     def _list_and_replace(self) -> bool:
-        """List everything and replace the store; False (after backing off) on failure."""
+        """List everything and replace the store; False (after backing off) on failure.
+
+        Objects reach the handler page by page as they arrive (only one page of
+        decoded JSON is alive at a time); deletions are only reported once the whole
+        list is in, since only then is it known what vanished.
+        """
+        with self._lock:
+            previous = dict(self._store)
+        relist = _Relist(self, previous)
         try:
             page = list_all(
                 self.client,
@@ -264,52 +272,24 @@ class Reflector:
                 field_selector=self.field_selector,
                 page_size=self.page_size,
                 should_stop=self._stopping,
+                on_page=relist.page,
+                on_restart=relist.restart,
             )
         except Exception as err:  # ApiError, WatchExpired twice, or a client bug
             self._back_off("list", err)
             return False
         if page.continue_ is not None:  # stopped between pages: not a full list
             return False
-        self._replace(page.items, page.resource_version)
+        relist.finish(page.resource_version)
         return True
 
     def _replace(self, items: list[RawObject], version: str) -> None:
-        fresh: dict[str, RawObject] = {}
-        for obj in items:
-            key = self._key(obj)
-            if key is not None:
-                fresh[key] = obj
-        kept = {key: self._keep(obj) for key, obj in fresh.items()}
+        """Replace the store with `items` (one whole list) and report the differences."""
         with self._lock:
-            previous, self._store = self._store, kept
-            self._lists += 1
-        self._resource_version = version
-        self._version_from_list = True
-        added = updated = 0
-        for key, obj in fresh.items():
-            old = previous.get(key)
-            if old is None:
-                added += 1
-                self._call("on_add", key, self.handler.on_add, obj)
-            elif resource_version(old) != resource_version(obj):
-                updated += 1
-                self._call("on_update", key, self.handler.on_update, old, obj)
-        gone = [key for key in previous if key not in fresh]
-        for key in gone:
-            self._call("on_delete", key, self.handler.on_delete, previous[key])
-        self.log.info(
-            "%s: listed %d objects at resourceVersion %s (%d new, %d changed, %d gone)",
-            self.name,
-            len(fresh),
-            version,
-            added,
-            updated,
-            len(gone),
-        )
-        with self._lock:
-            first_sync, self._synced = not self._synced, True
-        if first_sync:
-            self._call("on_synced", "", self.handler.on_synced)
+            previous = dict(self._store)
+        relist = _Relist(self, previous)
+        relist.page(items)
+        relist.finish(version)
 
     def _watch_once(self) -> bool:
         """One watch until it ends; returns whether a relist is needed."""
@@ -441,3 +421,70 @@ class Reflector:
 
 def _keep_whole(obj: RawObject) -> RawObject:
     return obj
+
+
+class _Relist:
+    """One list replacing a reflector's store, fed page by page (reflector thread only)."""
+
+    def __init__(self, reflector: Reflector, previous: dict[str, RawObject]) -> None:
+        self._reflector = reflector
+        self._previous = previous
+        self._fresh: dict[str, RawObject] = {}
+        """What the store keeps of every object of this list."""
+        self._told: dict[str, RawObject] = {}
+        """Objects the handler was given during this relist that the old store lacked."""
+        self.added = self.updated = 0
+
+    def page(self, items: list[RawObject]) -> None:
+        reflector = self._reflector
+        handler = reflector.handler
+        for obj in items:
+            key = reflector._key(obj)
+            if key is None:
+                continue
+            kept = reflector._keep(obj)
+            told = self._told.get(key)
+            old = self._previous.get(key) if told is None else told
+            self._fresh[key] = kept
+            if old is None:
+                self.added += 1
+                self._told[key] = kept
+                reflector._call("on_add", key, handler.on_add, obj)
+            elif resource_version(old) != resource_version(obj):
+                self.updated += 1
+                if told is not None or key not in self._previous:
+                    self._told[key] = kept
+                reflector._call("on_update", key, handler.on_update, old, obj)
+
+    def restart(self) -> None:
+        """The list starts over: what it gave so far may be gone from the new snapshot."""
+        self._fresh.clear()
+
+    def finish(self, version: str) -> None:
+        reflector = self._reflector
+        with reflector._lock:
+            reflector._store = self._fresh
+            reflector._lists += 1
+        reflector._resource_version = version
+        reflector._version_from_list = True
+        gone = {
+            key: obj
+            for known in (self._previous, self._told)
+            for key, obj in known.items()
+            if key not in self._fresh
+        }
+        for key, obj in gone.items():
+            reflector._call("on_delete", key, reflector.handler.on_delete, obj)
+        reflector.log.info(
+            "%s: listed %d objects at resourceVersion %s (%d new, %d changed, %d gone)",
+            reflector.name,
+            len(self._fresh),
+            version,
+            self.added,
+            self.updated,
+            len(gone),
+        )
+        with reflector._lock:
+            first_sync, reflector._synced = not reflector._synced, True
+        if first_sync:
+            reflector._call("on_synced", "", reflector.handler.on_synced)

@@ -35,7 +35,7 @@ import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from proxy.kernel.commands import CommandResult
+from proxy.kernel.commands import CommandResult, Input, joined
 
 VERSION = "v1.8.9"
 
@@ -491,7 +491,8 @@ class IptablesFake:
 
     # -- CommandRunner ---------------------------------------------------------------------
 
-    def run(self, argv: Sequence[str], *, stdin: str | None = None) -> CommandResult:
+    def run(self, argv: Sequence[str], *, stdin: Input | None = None) -> CommandResult:
+        stdin = joined(stdin)
         args = tuple(argv)
         self.calls.append(args)
         tool = self._tool(args[0]) if args else None

@@ -71,8 +71,35 @@ def full_text(states: dict[ServicePortName, ServicePortState], node: NodeContext
 
 
 GOLDEN = """\
-*mangle
+*nat
+:KPY-SERVICES - [0:0]
+:KPY-NODEPORTS - [0:0]
+:KPY-POSTROUTING - [0:0]
+:KPY-MARK-MASQ - [0:0]
 :KPY-PROXY-CANARY - [0:0]
+-A KPY-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KPY-POSTROUTING -j MARK --xor-mark 0x4000
+-A KPY-POSTROUTING -m comment --comment "kpy service traffic requiring SNAT" -j MASQUERADE --random-fully
+-A KPY-MARK-MASQ -j MARK --or-mark 0x4000
+:KPY-SVC-67NZLRHBNDSAWJRO - [0:0]
+:KPY-EXT-67NZLRHBNDSAWJRO - [0:0]
+:KPY-SEP-UPY7TNE7HISHJAJD - [0:0]
+:KPY-SEP-FVVY72AF7Y3TD2VF - [0:0]
+-A KPY-SVC-67NZLRHBNDSAWJRO ! -s 198.18.64.0/18 -d 198.19.0.10/32 -p tcp -m comment --comment "shop/web:http cluster IP" -m tcp --dport 80 -j KPY-MARK-MASQ
+-A KPY-SVC-67NZLRHBNDSAWJRO -m comment --comment "shop/web:http -> 198.18.64.7:8080" -m statistic --mode random --probability 0.5000000000 -j KPY-SEP-UPY7TNE7HISHJAJD
+-A KPY-SVC-67NZLRHBNDSAWJRO -m comment --comment "shop/web:http -> 198.18.64.8:8080" -j KPY-SEP-FVVY72AF7Y3TD2VF
+-A KPY-EXT-67NZLRHBNDSAWJRO -m comment --comment "masquerade traffic for shop/web:http external destinations" -j KPY-MARK-MASQ
+-A KPY-EXT-67NZLRHBNDSAWJRO -j KPY-SVC-67NZLRHBNDSAWJRO
+-A KPY-SEP-UPY7TNE7HISHJAJD -s 198.18.64.7/32 -j KPY-MARK-MASQ
+-A KPY-SEP-UPY7TNE7HISHJAJD -p tcp -m tcp -j DNAT --to-destination 198.18.64.7:8080
+-A KPY-SEP-FVVY72AF7Y3TD2VF -s 198.18.64.8/32 -j KPY-MARK-MASQ
+-A KPY-SEP-FVVY72AF7Y3TD2VF -p tcp -m tcp -j DNAT --to-destination 198.18.64.8:8080
+-A KPY-SERVICES -d 198.19.0.10/32 -p tcp -m comment --comment "shop/web:http cluster IP" -m tcp --dport 80 -j KPY-SVC-67NZLRHBNDSAWJRO
+-A KPY-SERVICES -m comment --comment "kpy service nodeports; NOTE: this must be the last rule" -m addrtype --dst-type LOCAL -j KPY-NODEPORTS
+-A KPY-NODEPORTS -p tcp -m comment --comment "shop/web:http" -m tcp --dport 30080 -j KPY-EXT-67NZLRHBNDSAWJRO
+-I PREROUTING 1 -m comment --comment "kpy service portals" -j KPY-SERVICES
+-I OUTPUT 1 -m comment --comment "kpy service portals" -j KPY-SERVICES
+-I POSTROUTING 1 -m comment --comment "kpy postrouting rules" -j KPY-POSTROUTING
 COMMIT
 *filter
 :KPY-SERVICES - [0:0]
@@ -89,35 +116,8 @@ COMMIT
 -I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment "kpy externally-visible service portals" -j KPY-EXTERNAL-SERVICES
 -I FORWARD 1 -m comment --comment "kpy forwarding rules" -j KPY-FORWARD
 COMMIT
-*nat
-:KPY-SERVICES - [0:0]
-:KPY-NODEPORTS - [0:0]
-:KPY-POSTROUTING - [0:0]
-:KPY-MARK-MASQ - [0:0]
+*mangle
 :KPY-PROXY-CANARY - [0:0]
-:KPY-SVC-67NZLRHBNDSAWJRO - [0:0]
-:KPY-EXT-67NZLRHBNDSAWJRO - [0:0]
-:KPY-SEP-UPY7TNE7HISHJAJD - [0:0]
-:KPY-SEP-FVVY72AF7Y3TD2VF - [0:0]
--A KPY-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
--A KPY-POSTROUTING -j MARK --xor-mark 0x4000
--A KPY-POSTROUTING -m comment --comment "kpy service traffic requiring SNAT" -j MASQUERADE --random-fully
--A KPY-MARK-MASQ -j MARK --or-mark 0x4000
--A KPY-SERVICES -d 198.19.0.10/32 -p tcp -m comment --comment "shop/web:http cluster IP" -m tcp --dport 80 -j KPY-SVC-67NZLRHBNDSAWJRO
--A KPY-SERVICES -m comment --comment "kpy service nodeports; NOTE: this must be the last rule" -m addrtype --dst-type LOCAL -j KPY-NODEPORTS
--A KPY-NODEPORTS -p tcp -m comment --comment "shop/web:http" -m tcp --dport 30080 -j KPY-EXT-67NZLRHBNDSAWJRO
--A KPY-SVC-67NZLRHBNDSAWJRO ! -s 198.18.64.0/18 -d 198.19.0.10/32 -p tcp -m comment --comment "shop/web:http cluster IP" -m tcp --dport 80 -j KPY-MARK-MASQ
--A KPY-SVC-67NZLRHBNDSAWJRO -m comment --comment "shop/web:http -> 198.18.64.7:8080" -m statistic --mode random --probability 0.5000000000 -j KPY-SEP-UPY7TNE7HISHJAJD
--A KPY-SVC-67NZLRHBNDSAWJRO -m comment --comment "shop/web:http -> 198.18.64.8:8080" -j KPY-SEP-FVVY72AF7Y3TD2VF
--A KPY-EXT-67NZLRHBNDSAWJRO -m comment --comment "masquerade traffic for shop/web:http external destinations" -j KPY-MARK-MASQ
--A KPY-EXT-67NZLRHBNDSAWJRO -j KPY-SVC-67NZLRHBNDSAWJRO
--A KPY-SEP-UPY7TNE7HISHJAJD -s 198.18.64.7/32 -j KPY-MARK-MASQ
--A KPY-SEP-UPY7TNE7HISHJAJD -p tcp -m tcp -j DNAT --to-destination 198.18.64.7:8080
--A KPY-SEP-FVVY72AF7Y3TD2VF -s 198.18.64.8/32 -j KPY-MARK-MASQ
--A KPY-SEP-FVVY72AF7Y3TD2VF -p tcp -m tcp -j DNAT --to-destination 198.18.64.8:8080
--I PREROUTING 1 -m comment --comment "kpy service portals" -j KPY-SERVICES
--I OUTPUT 1 -m comment --comment "kpy service portals" -j KPY-SERVICES
--I POSTROUTING 1 -m comment --comment "kpy postrouting rules" -j KPY-POSTROUTING
 COMMIT
 """  # noqa: E501
 

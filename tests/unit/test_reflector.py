@@ -264,6 +264,47 @@ def rig(handler: Recorder | None = None, **options: Any) -> Rig:
 # -- list and initial sync ------------------------------------------------------------
 
 
+def test_pages_reach_the_handler_as_they_arrive() -> None:
+    """Only one page of decoded JSON is alive at a time (70 MiB for 10k slices at once)."""
+    handled_before_second_page: list[int] = []
+    r = rig()
+    original = r.client.list
+
+    def list_page(*args: Any, **kwargs: Any) -> ListPage:
+        if kwargs.get("continue_"):
+            handled_before_second_page.append(len(r.handler.calls))
+        return original(*args, **kwargs)
+
+    r.client.list = list_page  # type: ignore[method-assign]
+    r.client.pages.extend([page("10", obj("a", "1"), continue_="next"), page("10", obj("b", "2"))])
+    r.client.watches.append(Watch())
+    r.run()
+    assert handled_before_second_page == [1]
+
+
+def test_a_list_restarted_after_an_expired_continue_deletes_what_it_gave_and_lost() -> None:
+    """Page 1 handed out b; the restarted list no longer has it: b must be deleted."""
+    r = rig()
+    r.client.pages.extend(
+        [
+            page("10", obj("a", "1"), obj("b", "2"), continue_="next"),
+            WatchExpired("continue token expired"),
+            page("12", obj("a", "1"), continue_="next2"),
+            page("12", obj("c", "3")),
+        ]
+    )
+    r.client.watches.append(Watch())
+    calls = r.run()
+    assert calls == [
+        ("add", "a", "1"),
+        ("add", "b", "2"),
+        ("add", "c", "3"),
+        ("delete", "b"),
+        ("synced",),
+    ]
+    assert set(r.reflector.snapshot()) == {"default/a", "default/c"}
+
+
 def test_initial_sync_reports_every_page_then_synced_once() -> None:
     r = rig(label_selector="!x.io/a", field_selector="spec.x=y")
     r.client.pages.extend(

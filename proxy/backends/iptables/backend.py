@@ -57,8 +57,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 
 from proxy.backends.base import Backend, BackendConfig, BackendError, register
@@ -183,70 +182,82 @@ class IptablesBackend:
 
     def _sync_full(self, ipt: Iptables, ctx: render.RenderContext, state: ProxyState) -> None:
         started = self._clock()
-        with ThreadPoolExecutor(1, thread_name_prefix="iptables-save") as pool:
-            # Reading the tables takes a second at 10k services on legacy: overlap it.
-            saving = pool.submit(lambda: {table: ipt.save(table) for table in ("nat", "filter")})
-            endpoints = sum(len(port.all_endpoints) for port in state.services.values())
-            comments = self._comments(endpoints)
-            ports = [
-                render.render_port(name, port_state, ctx, endpoint_comments=comments)
-                for name, port_state in state.services.items()
-            ]
-            rendered = self._clock()
-            saved = saving.result()
-        read = self._clock()
-        wanted_nat = set(render.static_nat_chains(ctx))
-        for rules in ports:
-            wanted_nat.update(rules.nat_chains)
-        wanted_filter = set(render.static_filter_chains())
+        saved = {table: ipt.save(table) for table in ("nat", "filter")}
         existing = {table: ours(text) for table, text in saved.items()}
-        delete_nat = [chain for chain in existing["nat"] if chain not in wanted_nat]
-        delete_filter = [chain for chain in existing["filter"] if chain not in wanted_filter]
+        wanted_filter = set(render.static_filter_chains())
+        stale_filter = [chain for chain in existing["filter"] if chain not in wanted_filter]
+        # Before the restore starts: `iptables -C` would wait for the lock it holds.
         jumps = self._missing_jumps(ipt, saved)
+        del saved
+        read = self._clock()
+        endpoints = sum(len(port.all_endpoints) for port in state.services.values())
+        comments = self._comments(endpoints)
+
+        def ports() -> Iterator[render.PortRules]:
+            for name, port_state in state.services.items():
+                yield render.render_port(name, port_state, ctx, endpoint_comments=comments)
+
+        def stream(shared: render.SharedLines) -> Iterator[str]:
+            return render.stream_full(
+                ctx=ctx,
+                ports=ports(),
+                shared=shared,
+                stale_nat=set(existing["nat"]) - set(render.static_nat_chains(ctx)),
+                stale_filter=stale_filter,
+                insert_jumps=jumps,
+            )
+
+        shared = render.SharedLines()
         if self._batched():
-            inputs = [render.render_static(ctx)]
-            inputs.extend(
-                render.render_port_chains(batch) for batch in _batches(ports, NFT_BATCH_CHAINS)
+            stale_nat = self._restore_batched(ipt, ctx, ports(), shared, existing["nat"])
+            last = render.render_shared(
+                ctx=ctx,
+                shared=shared,
+                delete_nat=sorted(stale_nat),
+                delete_filter=stale_filter,
+                insert_jumps=jumps,
             )
-            inputs.append(
-                render.render_full(
-                    ctx=ctx,
-                    ports=ports,
-                    delete_nat=delete_nat,
-                    delete_filter=delete_filter,
-                    insert_jumps=jumps,
-                    with_port_chains=False,
-                )
-            )
+            self._restore(ipt, last)
         else:
-            inputs = [
-                render.render_full(
-                    ctx=ctx,
-                    ports=ports,
-                    delete_nat=delete_nat,
-                    delete_filter=delete_filter,
-                    insert_jumps=jumps,
-                )
-            ]
-        for text in inputs:
-            self._restore(ipt, text)
-        written_at = self._clock()
+            # Rendering streams into the tool, which parses while we render.
+            self._restore(ipt, lambda: stream(shared), replay=lambda: stream(render.SharedLines()))
+        written = self._clock()
         self._endpoints = endpoints
         nat, filter_ = render.static_rule_counts(ctx)
-        for rules in ports:
-            port_nat, port_filter = rules.rule_counts()
-            nat += port_nat
-            filter_ += port_filter
-        self._counts = (nat, filter_)
+        self._counts = (nat + shared.nat_rules, filter_ + shared.filter_rules)
+        # A full sync renders while the tool writes: rendering is part of "write".
         self._report(
             "full",
-            len(ports),
-            started=started,
-            rendered=rendered,
-            read=read,
-            written=written_at,
-            inputs=inputs,
+            len(state.services),
+            {"read": read - started, "write": written - read},
+            f"{shared.chains} port chains",
         )
+
+    def _restore_batched(
+        self,
+        ipt: Iptables,
+        ctx: render.RenderContext,
+        ports: Iterable[render.PortRules],
+        shared: render.SharedLines,
+        existing_nat: Iterable[str],
+    ) -> set[str]:
+        """iptables-nft: the static chains, then the port chains in batches (see the
+        module docstring); returns the stale nat chains, for the last input to delete."""
+        stale = set(existing_nat) - set(render.static_nat_chains(ctx))
+        self._restore(ipt, render.render_static(ctx))
+        batch: list[render.PortRules] = []
+        size = 0
+        for rules in ports:
+            shared.add(rules)
+            stale.difference_update(rules.nat_chains)
+            batch.append(rules)
+            size += len(rules.nat_chains)
+            if size >= NFT_BATCH_CHAINS:
+                self._restore(ipt, render.render_port_chains(batch))
+                batch, size = [], 0
+        if batch:
+            self._restore(ipt, render.render_port_chains(batch))
+        return stale
 
     def _sync_partial(
         self, ipt: Iptables, ctx: render.RenderContext, state: ProxyState, hint: SyncHint
@@ -309,40 +320,20 @@ class IptablesBackend:
         self._report(
             "partial",
             len(changes),
-            started=started,
-            rendered=rendered,
-            read=rendered,
-            written=self._clock(),
-            inputs=inputs,
+            {"render": rendered - started, "write": self._clock() - rendered},
+            f"{len(inputs)} restore inputs, {sum(len(text) for text in inputs)} bytes",
         )
 
-    def _report(
-        self,
-        kind: str,
-        ports: int,
-        *,
-        started: float,
-        rendered: float,
-        read: float,
-        written: float,
-        inputs: Sequence[str],
-    ) -> None:
-        """Phase times (render, read, write) to the metrics sink and the debug log."""
-        metrics = self._config.metrics
-        metrics.observe_phase("render", rendered - started)
-        if read > rendered:
-            metrics.observe_phase("read", read - rendered)
-        metrics.observe_phase("write", written - read)
+    def _report(self, kind: str, ports: int, phases: dict[str, float], detail: str) -> None:
+        """Phase times (seconds) to the metrics sink and the debug log."""
+        for phase, seconds in phases.items():
+            self._config.metrics.observe_phase(phase, seconds)
         log.debug(
-            "%s sync of %d ports: render %.1f ms, read %.1f ms, write %.1f ms "
-            "(%d restore inputs, %d bytes)",
+            "%s sync of %d ports: %s (%s)",
             kind,
             ports,
-            (rendered - started) * 1000,
-            (read - rendered) * 1000,
-            (written - read) * 1000,
-            len(inputs),
-            sum(len(text) for text in inputs),
+            ", ".join(f"{phase} {seconds * 1000:.1f} ms" for phase, seconds in phases.items()),
+            detail,
         )
 
     @staticmethod
@@ -360,10 +351,24 @@ class IptablesBackend:
             and not ipt.has_rule(jump.table, jump.chain, jump.spec)
         ]
 
-    def _restore(self, ipt: Iptables, text: str) -> None:
+    def _restore(
+        self,
+        ipt: Iptables,
+        make_input: str | Callable[[], Iterable[str]],
+        *,
+        replay: Callable[[], Iterable[str]] | None = None,
+    ) -> None:
+        """Run iptables-restore on a text, or on the chunks `make_input()` streams.
+
+        When the tool refuses a line of a streamed input, the input is produced again
+        (`replay`, else `make_input`: both must give the same text) to show that line
+        and its neighbours, since a streamed input is not kept.
+        """
         try:
-            ipt.restore(text)
+            ipt.restore(make_input)
         except RestoreError as err:
+            rebuilt = make_input if isinstance(make_input, str) else (replay or make_input)()
+            text = "".join(rebuilt)
             lines = offending_lines(text, err.line)
             hint = ""
             if lines and err.line is not None and text.splitlines()[err.line - 1] == "COMMIT":
