@@ -77,14 +77,14 @@ GOLDEN = """\
 :KPY-POSTROUTING - [0:0]
 :KPY-MARK-MASQ - [0:0]
 :KPY-PROXY-CANARY - [0:0]
+:KPY-EXT-67NZLRHBNDSAWJRO - [0:0]
+:KPY-SEP-FVVY72AF7Y3TD2VF - [0:0]
+:KPY-SEP-UPY7TNE7HISHJAJD - [0:0]
+:KPY-SVC-67NZLRHBNDSAWJRO - [0:0]
 -A KPY-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
 -A KPY-POSTROUTING -j MARK --xor-mark 0x4000
 -A KPY-POSTROUTING -m comment --comment "kpy service traffic requiring SNAT" -j MASQUERADE --random-fully
 -A KPY-MARK-MASQ -j MARK --or-mark 0x4000
-:KPY-SVC-67NZLRHBNDSAWJRO - [0:0]
-:KPY-EXT-67NZLRHBNDSAWJRO - [0:0]
-:KPY-SEP-UPY7TNE7HISHJAJD - [0:0]
-:KPY-SEP-FVVY72AF7Y3TD2VF - [0:0]
 -A KPY-SVC-67NZLRHBNDSAWJRO ! -s 198.18.64.0/18 -d 198.19.0.10/32 -p tcp -m comment --comment "shop/web:http cluster IP" -m tcp --dport 80 -j KPY-MARK-MASQ
 -A KPY-SVC-67NZLRHBNDSAWJRO -m comment --comment "shop/web:http -> 198.18.64.7:8080" -m statistic --mode random --probability 0.5000000000 -j KPY-SEP-UPY7TNE7HISHJAJD
 -A KPY-SVC-67NZLRHBNDSAWJRO -m comment --comment "shop/web:http -> 198.18.64.8:8080" -j KPY-SEP-FVVY72AF7Y3TD2VF
@@ -393,3 +393,24 @@ def test_ten_thousand_services_render_completely_and_partials_stay_small() -> No
     partial = render.render_partial(top=top, write=[changed], delete_nat=ports[0].nat_chains[1:])
     assert partial.count(":KPY-SEP-") == 11
     assert len(partial) < 4000
+
+
+@pytest.mark.parametrize("family", [IPFamily.V4, IPFamily.V6])
+def test_port_chains_names_exactly_the_chains_render_port_writes(family: IPFamily) -> None:
+    """A full sync declares chains from `port_chains` before rendering any rule."""
+    name = port_name()
+    eps = ("198.18.64.7", "198.18.64.8", "fd00:198:18::7")
+    shapes = [
+        port_state(name, cluster=eps),
+        port_state(name, cluster=eps, node_port=30080),
+        port_state(name, node_port=30080),
+        port_state(name),
+        port_state(name, cluster=eps, external=eps[:1], node_port=30080),
+        port_state(name, cluster=(), external=eps[1:], node_port=30080),
+        port_state(name, cluster=eps[:1], external=eps[1:]),
+    ]
+    ctx = context(family=family)
+    for state in shapes:
+        assert render.port_chains(name, state, ctx) == list(
+            render.render_port(name, state, ctx).nat_chains
+        )

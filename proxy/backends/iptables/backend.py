@@ -197,29 +197,41 @@ class IptablesBackend:
             for name, port_state in state.services.items():
                 yield render.render_port(name, port_state, ctx, endpoint_comments=comments)
 
-        def stream(shared: render.SharedLines) -> Iterator[str]:
-            return render.stream_full(
-                ctx=ctx,
-                ports=ports(),
-                shared=shared,
-                stale_nat=set(existing["nat"]) - set(render.static_nat_chains(ctx)),
-                stale_filter=stale_filter,
-                insert_jumps=jumps,
-            )
-
         shared = render.SharedLines()
         if self._batched():
             stale_nat = self._restore_batched(ipt, ctx, ports(), shared, existing["nat"])
             last = render.render_shared(
                 ctx=ctx,
                 shared=shared,
-                delete_nat=sorted(stale_nat),
+                delete_nat=stale_nat,
                 delete_filter=stale_filter,
                 insert_jumps=jumps,
             )
             self._restore(ipt, last)
         else:
-            # Rendering streams into the tool, which parses while we render.
+            declared = sorted(
+                {
+                    chain
+                    for name, port_state in state.services.items()
+                    for chain in render.port_chains(name, port_state, ctx)
+                }
+            )
+            wanted = {*declared, *render.static_nat_chains(ctx)}
+            stale_nat = [chain for chain in existing["nat"] if chain not in wanted]
+            del wanted
+
+            def stream(lines: render.SharedLines) -> Iterator[str]:
+                return render.stream_full(
+                    ctx=ctx,
+                    chains=declared,
+                    ports=ports(),
+                    shared=lines,
+                    stale_nat=stale_nat,
+                    stale_filter=stale_filter,
+                    insert_jumps=jumps,
+                )
+
+            # The rules are rendered while the tool parses what it already has.
             self._restore(ipt, lambda: stream(shared), replay=lambda: stream(render.SharedLines()))
         written = self._clock()
         self._endpoints = endpoints
@@ -240,7 +252,7 @@ class IptablesBackend:
         ports: Iterable[render.PortRules],
         shared: render.SharedLines,
         existing_nat: Iterable[str],
-    ) -> set[str]:
+    ) -> list[str]:
         """iptables-nft: the static chains, then the port chains in batches (see the
         module docstring); returns the stale nat chains, for the last input to delete."""
         stale = set(existing_nat) - set(render.static_nat_chains(ctx))
@@ -257,7 +269,7 @@ class IptablesBackend:
                 batch, size = [], 0
         if batch:
             self._restore(ipt, render.render_port_chains(batch))
-        return stale
+        return sorted(stale)
 
     def _sync_partial(
         self, ipt: Iptables, ctx: render.RenderContext, state: ProxyState, hint: SyncHint
