@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from proxy.app import run
 from proxy.backends.base import UnknownBackendError
 from proxy.cli import parse_settings
-from proxy.config import ConfigError
+from proxy.config.errors import ConfigError
 from proxy.kube.listwatch import ConfigError as KubeConfigError
 
 

@@ -46,31 +46,26 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from proxy import __version__
-from proxy.config import (
+from proxy.config.addresses import (
+    parse_bind_address,
+    parse_cluster_cidrs,
+    parse_nodeport_addresses,
+)
+from proxy.config.durations import duration_value
+from proxy.config.errors import BadValueError, ConfigError, invalid
+from proxy.config.file import FileConfig, load_config_file
+from proxy.config.node import normalize_hostname, resolve_node_name
+from proxy.config.settings import (
     DEFAULT_HEALTHZ_BIND_ADDRESS,
     DEFAULT_METRICS_BIND_ADDRESS,
     DEFAULT_MIN_SYNC_PERIOD,
     DEFAULT_SYNC_PERIOD,
     HEALTHZ_PORT,
     METRICS_PORT,
-    BadValueError,
-    ConfigError,
-    FileConfig,
     Settings,
-    check_masquerade_bit,
-    check_proxy_mode,
     check_sync_periods,
-    duration_value,
-    invalid,
-    load_config_file,
-    normalize_hostname,
-    parse_bind_address,
-    parse_bool,
-    parse_cluster_cidrs,
-    parse_int,
-    parse_nodeport_addresses,
-    resolve_node_name,
 )
+from proxy.config.values import check_masquerade_bit, check_proxy_mode, parse_bool, parse_int
 
 PROGRAM = "kube-proxy-py"
 

@@ -350,14 +350,15 @@ def check_config_and_args(
     report: Report,
     where: str,
 ) -> None:
-    config_mod = importlib.import_module("proxy.config")
+    config_mod = importlib.import_module("proxy.config.file")
+    errors_mod = importlib.import_module("proxy.config.errors")
     cli_mod = importlib.import_module("proxy.cli")
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp, "config.conf")
         config_path.write_text(config_text, encoding="utf-8")
         try:
             parsed = config_mod.load_config_file(config_path)
-        except config_mod.ConfigError as err:
+        except errors_mod.ConfigError as err:
             report.check(False, f"{where}: the proxy refuses config.conf: {err}")
             return
         report.check(
@@ -378,7 +379,7 @@ def check_config_and_args(
         ]
         try:
             settings = cli_mod.parse_settings(args, environ=env)
-        except config_mod.ConfigError as err:
+        except errors_mod.ConfigError as err:
             report.check(False, f"{where}: the proxy refuses the container's args {args}: {err}")
             return
         report.check(
@@ -405,7 +406,7 @@ def check_config_and_args(
         )
         try:
             cli_mod.parse_settings(args, environ=env)
-        except config_mod.ConfigError as err:
+        except errors_mod.ConfigError as err:
             report.check(
                 'mode: "bogus"' in str(err), f"{where}: unclear error for mode bogus: {err}"
             )

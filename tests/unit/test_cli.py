@@ -11,7 +11,8 @@ import pytest
 
 from proxy import __version__
 from proxy.cli import FLAGS, Flag, help_text, parse_settings
-from proxy.config import ConfigError, Settings
+from proxy.config.errors import ConfigError
+from proxy.config.settings import Settings
 
 API = {"apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration"}
 
