@@ -361,12 +361,13 @@ def check_config_and_args(
         except errors_mod.ConfigError as err:
             report.check(False, f"{where}: the proxy refuses config.conf: {err}")
             return
+        file_mode = parsed.get("proxy_mode")
         report.check(
-            parsed.proxy_mode == variant.mode,
-            f"{where}: config.conf mode is {parsed.proxy_mode}, the variant is {variant.mode}",
+            file_mode == variant.mode,
+            f"{where}: config.conf mode is {file_mode}, the variant is {variant.mode}",
         )
         if variant.configured:
-            report.check(bool(parsed.cluster_cidrs), f"{where}: clusterCIDR is not set")
+            report.check(bool(parsed.get("cluster_cidrs")), f"{where}: clusterCIDR is not set")
         report.check(
             not parsed.unknown_fields and not parsed.unsupported_fields,
             f"{where}: config.conf has unknown {parsed.unknown_fields} or unsupported "

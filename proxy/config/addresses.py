@@ -85,7 +85,7 @@ def parse_cluster_cidrs(values: Sequence[str]) -> tuple[str, ...]:
 
 def parse_nodeport_addresses(values: Sequence[str]) -> tuple[str, ...]:
     """CIDRs limiting where NodePorts are open, or the single word "primary"; normalised."""
-    items = tuple(v.strip() for v in values if v.strip())
+    items = split_list(values)
     if NODEPORT_ADDRESSES_PRIMARY in items:
         if len(items) != 1:
             raise BadValueError(f'can not mix "{NODEPORT_ADDRESSES_PRIMARY}" with CIDRs')
@@ -93,11 +93,24 @@ def parse_nodeport_addresses(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(_cidr(v) for v in items)
 
 
-def _cidr(text: str) -> str:
+def parse_cidr(text: str) -> str:
+    """One CIDR, normalised (host bits cleared); `BadValueError` when it is not one."""
     cidr = normalize_cidr(text)
     if cidr is None or "%" in text:
-        raise BadValueError(f"holds {quote(text.strip())}, which is not a valid CIDR")
+        raise BadValueError("is not a valid CIDR")
     return cidr
+
+
+def split_list(values: Sequence[str]) -> tuple[str, ...]:
+    """The non-blank items, trimmed: a pflag string slice (`a,b`) or a file's list."""
+    return tuple(v.strip() for v in values if v.strip())
+
+
+def _cidr(text: str) -> str:
+    try:
+        return parse_cidr(text)
+    except BadValueError:
+        raise BadValueError(f"holds {quote(text.strip())}, which is not a valid CIDR") from None
 
 
 def _family(cidr: str) -> int:

@@ -35,6 +35,7 @@ from proxy.config.addresses import (
     parse_bind_address,
     parse_cluster_cidrs,
     parse_nodeport_addresses,
+    split_list,
 )
 from proxy.config.durations import DURATION_HINT, duration_value, parse_go_duration
 from proxy.config.errors import BadValueError, ConfigError, invalid
@@ -53,10 +54,9 @@ from proxy.config.schema import (
     STRLIST,
     leaf_kind,
 )
-from proxy.config.settings import HEALTHZ_PORT, METRICS_PORT
+from proxy.config.settings import DEFAULT_IPVS_SCHEDULER, HEALTHZ_PORT, METRICS_PORT
 from proxy.config.values import (
     DEFAULT_PROXY_MODE,
-    ProxyMode,
     check_masquerade_bit,
     check_proxy_mode,
     non_negative,
@@ -67,27 +67,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class FileConfig:
-    """What one `KubeProxyConfiguration` file sets: None means "not in the file"."""
+    """What one `KubeProxyConfiguration` file sets, by setting name (see `proxy.config.settings`).
+
+    A setting the file leaves out, sets to `null`, or sets to a value meaning "the
+    default" (an empty address, a zero period) is absent from `values`.
+    """
 
     path: str
-    kubeconfig: str | None = None
-    hostname_override: str | None = None
-    proxy_mode: ProxyMode | None = None
-    cluster_cidrs: tuple[str, ...] | None = None
-    masquerade_all: bool | None = None
-    nodeport_addresses: tuple[str, ...] | None = None
-    metrics_bind_address: str | None = None
-    healthz_bind_address: str | None = None
-    sync_period: float | None = None
-    min_sync_period: float | None = None
-    masquerade_bit: int | None = None
-    verbosity: int | None = None
+    values: Mapping[str, Any] = field(default_factory=dict)
+    """Setting name -> value: {"proxy_mode": "nftables", "conntrack.min": 0, ...}."""
     fields: Mapping[str, str] = field(default_factory=dict)
-    """For each setting read from the file, the field path it came from (for messages)."""
+    """For each setting in `values`, the field path it came from (for messages)."""
     unknown_fields: tuple[str, ...] = ()
     """Field paths kube-proxy's v1alpha1 schema does not have (warned once)."""
     unsupported_fields: tuple[str, ...] = ()
     """Known fields holding a non-default value that this proxy does not implement."""
+
+    def get(self, setting: str) -> Any:
+        """The value the file sets for `setting`, or None."""
+        return self.values.get(setting)
 
 
 def load_config_file(path: str | Path) -> FileConfig:
@@ -226,6 +224,9 @@ def _extract(document: Mapping[str, Any], path: str, unknown: tuple[str, ...]) -
         seconds = duration_value(raw)
         return None if seconds == 0 else seconds  # upstream's defaulting: 0 -> default
 
+    def timeout(raw: str) -> float:
+        return non_negative(duration_value(raw))  # an explicit 0 stays: "leave as is"
+
     take("kubeconfig", "clientConnection.kubeconfig", text_or_none)
     take("hostname_override", "hostnameOverride", hostname)
     take("proxy_mode", "mode", check_proxy_mode)
@@ -245,12 +246,28 @@ def _extract(document: Mapping[str, Any], path: str, unknown: tuple[str, ...]) -
     take("masquerade_all", f"{masquerade_section}.masqueradeAll")
     take("masquerade_bit", f"{masquerade_section}.masqueradeBit", check_masquerade_bit)
 
+    # ipvs.*: read in every mode, checked (proxy.config.rules) only in ipvs mode, as upstream.
+    take("ipvs.scheduler", "ipvs.scheduler", lambda raw: raw or DEFAULT_IPVS_SCHEDULER)
+    take("ipvs.exclude_cidrs", "ipvs.excludeCIDRs", split_list)
+    take("ipvs.strict_arp", "ipvs.strictARP")
+    take("ipvs.tcp_timeout", "ipvs.tcpTimeout", duration_value)
+    take("ipvs.tcp_fin_timeout", "ipvs.tcpFinTimeout", duration_value)
+    take("ipvs.udp_timeout", "ipvs.udpTimeout", duration_value)
+    # conntrack.*: checked in every mode, as upstream's Linux section.
+    take("conntrack.max_per_core", "conntrack.maxPerCore", non_negative)
+    take("conntrack.min", "conntrack.min", non_negative)
+    take("conntrack.tcp_established_timeout", "conntrack.tcpEstablishedTimeout", timeout)
+    take("conntrack.tcp_close_wait_timeout", "conntrack.tcpCloseWaitTimeout", timeout)
+    take("conntrack.tcp_be_liberal", "conntrack.tcpBeLiberal")
+    take("conntrack.udp_timeout", "conntrack.udpTimeout", timeout)
+    take("conntrack.udp_stream_timeout", "conntrack.udpStreamTimeout", timeout)
+
     return FileConfig(
         path=path,
+        values=values,
         fields=fields,
         unknown_fields=unknown,
         unsupported_fields=_unsupported_fields(document),
-        **values,
     )
 
 

@@ -1,20 +1,24 @@
-"""`Settings`: everything the proxy runs with, kube-proxy's defaults, rules across settings.
+"""`Settings`: everything the proxy runs with, and kube-proxy's defaults for each of it.
 
 `Settings()` is kube-proxy's built-in configuration; `proxy.cli` lays the config file
 and then the command line over it (defaults < file < flags) and builds the final value.
-Each attribute's docstring says what it means and which flag sets it. A `Settings` is a
-frozen value: safe to share between threads, never changed after start-up.
+Each attribute's docstring says what it means and which flag sets it. Two groups are
+values of their own: `ipvs` (`IpvsOptions`, owned by the backend seam, which hands it to
+the IPVS backend) and `conntrack` (`ConntrackSettings`, used by `--init-only`).
 
-Rules that involve more than one setting live here too (`check_sync_periods`); the caller
-passes where each value came from, so the message names the flag or file field.
+While the layers are merged, a setting is named by its attribute path: "sync_period",
+"ipvs.scheduler", "conntrack.min". `settings_from` builds a `Settings` from such names
+and `default_value` gives a name's default. A `Settings` is a frozen value: safe to share
+between threads, never changed after start-up.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from proxy.config.durations import format_go_duration
-from proxy.config.errors import invalid
+from proxy.backends.base import IpvsOptions
 from proxy.config.values import DEFAULT_PROXY_MODE, ProxyMode
 
 METRICS_PORT = 10249
@@ -24,6 +28,34 @@ DEFAULT_HEALTHZ_BIND_ADDRESS = f"0.0.0.0:{HEALTHZ_PORT}"
 DEFAULT_SYNC_PERIOD = 30.0
 DEFAULT_MIN_SYNC_PERIOD = 1.0
 DEFAULT_MASQUERADE_BIT = 14
+DEFAULT_IPVS_SCHEDULER = "rr"
+"""What an empty `ipvs.scheduler` / `--ipvs-scheduler` means (upstream: round robin)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConntrackSettings:
+    """KubeProxyConfiguration `conntrack.*` and the `--conntrack-*` flags (durations in seconds).
+
+    Applied by `--init-only` (see `proxy.init`): the table size as kube-proxy computes
+    it, and each timeout only when it is above 0 (0 leaves the kernel's value).
+    """
+
+    max_per_core: int = 32768
+    """Conntrack entries per CPU (`--conntrack-max-per-core`); 0 leaves the table size alone
+    (and ignores `min`)."""
+    min: int = 131072
+    """Lower bound of the table size, whatever the CPU count (`--conntrack-min`)."""
+    tcp_established_timeout: float = 86400.0
+    """Idle timeout of established TCP entries (`--conntrack-tcp-timeout-established`)."""
+    tcp_close_wait_timeout: float = 3600.0
+    """Timeout of TCP entries in CLOSE_WAIT (`--conntrack-tcp-timeout-close-wait`)."""
+    tcp_be_liberal: bool = False
+    """Set nf_conntrack_tcp_be_liberal=1: out-of-window packets are not INVALID
+    (`--conntrack-tcp-be-liberal`)."""
+    udp_timeout: float = 0.0
+    """Idle timeout of UNREPLIED UDP entries (`--conntrack-udp-timeout`)."""
+    udp_stream_timeout: float = 0.0
+    """Idle timeout of ASSURED UDP entries (`--conntrack-udp-timeout-stream`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +89,11 @@ class Settings:
     """Minimum seconds between two syncs (bursts of changes are coalesced)."""
     masquerade_bit: int = DEFAULT_MASQUERADE_BIT
     """Bit of the packet mark (0..31) that asks for masquerading."""
+    ipvs: IpvsOptions = field(default_factory=IpvsOptions)
+    """`ipvs.*` / `--ipvs-*`. Checked only in ipvs mode, as upstream's validation does
+    (`ipvs.excludeCIDRs` normalised then); in other modes carried as given, unused."""
+    conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
+    """`conntrack.*` / `--conntrack-*`: what `--init-only` sets in the kernel."""
     verbosity: int = 0
     """klog-style log verbosity (`-v`); 4 and above means debug."""
     cleanup: bool = False
@@ -64,25 +101,60 @@ class Settings:
     config_file: str | None = None
     """The `--config` file the settings were read from, if any."""
     unsupported_flags: tuple[str, ...] = ()
-    """Flags (`--conntrack-min`) and config-file fields (`conntrack.min`) that kube-proxy has,
+    """Flags (`--oom-score-adj`) and config-file fields (`oomScoreAdj`) that kube-proxy has,
     were given here, and are accepted but not implemented: log them in one warning."""
     overridden_by_flags: tuple[str, ...] = ()
     """Flags that replaced a value from the config file (upstream kube-proxy ignores most
     flags when --config is given; we let explicit flags win): worth one warning."""
 
 
-def check_sync_periods(
-    sync_period: float, min_sync_period: float, *, sync_from: str, min_from: str
-) -> None:
-    """Upstream's validation: sync period > 0, 0 <= min sync period <= sync period."""
-    if sync_period <= 0:
-        raise invalid(sync_from, format_go_duration(sync_period), "must be greater than 0")
-    if min_sync_period < 0:
-        raise invalid(min_from, format_go_duration(min_sync_period), "must not be negative")
-    if min_sync_period > sync_period:
-        raise invalid(
-            min_from,
-            format_go_duration(min_sync_period),
-            f"must not be greater than the sync period "
-            f"({format_go_duration(sync_period)} from {sync_from})",
-        )
+_GROUPS: dict[str, type[IpvsOptions] | type[ConntrackSettings]] = {
+    "ipvs": IpvsOptions,
+    "conntrack": ConntrackSettings,
+}
+"""Settings attributes that are values of their own, named "<group>.<field>" while merging."""
+
+SETTING_NAMES: tuple[str, ...] = tuple(
+    f"{f.name}.{inner.name}" if f.name in _GROUPS else f.name
+    for f in fields(Settings)
+    for inner in (fields(_GROUPS[f.name]) if f.name in _GROUPS else (f,))
+)
+"""Every setting by name, groups spelled out: "kubeconfig", ..., "ipvs.scheduler", ..."""
+
+
+def settings_from(values: Mapping[str, Any]) -> Settings:
+    """A `Settings` from setting names to values ("sync_period", "conntrack.min", ...).
+
+    Names not given keep their default; an unknown name is a `KeyError` (a programming
+    error, never user input).
+    """
+    flat: dict[str, Any] = {}
+    grouped: dict[str, dict[str, Any]] = {group: {} for group in _GROUPS}
+    for name, value in values.items():
+        if name not in SETTING_NAMES:
+            raise KeyError(f"no setting named {name!r}")
+        group, dot, inner = name.partition(".")
+        if dot:
+            grouped[group][inner] = value
+        else:
+            flat[name] = value
+    for group, kind in _GROUPS.items():
+        if grouped[group]:
+            flat[group] = kind(**grouped[group])
+    return Settings(**flat)
+
+
+def setting_value(settings: Settings, name: str) -> Any:
+    """The value of one setting by name: `setting_value(s, "ipvs.scheduler")`."""
+    value: Any = settings
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def default_value(name: str) -> Any:
+    """kube-proxy's default for one setting by name."""
+    return setting_value(_DEFAULTS, name)
+
+
+_DEFAULTS = Settings()

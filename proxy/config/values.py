@@ -8,7 +8,7 @@ where the value came from (see `proxy.config.errors`). Pure; safe from any threa
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, TypeVar
 
 from proxy.config.errors import BadValueError
 
@@ -37,7 +37,10 @@ def parse_int(text: str, *, low: int, high: int) -> int:
     return value
 
 
-def non_negative(value: int) -> int:
+_Number = TypeVar("_Number", int, float)
+
+
+def non_negative(value: _Number) -> _Number:
     """`value` if it is 0 or more (upstream: "must be greater than or equal to 0")."""
     if value < 0:
         raise BadValueError("must be greater than or equal to 0")
