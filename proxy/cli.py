@@ -195,6 +195,11 @@ FLAGS: tuple[Flag, ...] = (
         "Idle timeout of ASSURED UDP entries; 0 leaves it.",
         "duration",
     ),
+    _value(
+        "write-config-to",
+        "Write the effective configuration as a KubeProxyConfiguration file here, then exit.",
+        "path",
+    ),
     _value("v", "Log verbosity (4 and above: debug).", "int", shorthand="v"),
     _switch("version", "Print the version and exit."),
     _switch("help", "Show this help and exit.", shorthand="h"),
@@ -225,7 +230,6 @@ FLAGS: tuple[Flag, ...] = (
             "stderrthreshold",
             "udp-timeout",
             "vmodule",
-            "write-config-to",
         )
     ),
     *(
@@ -442,6 +446,7 @@ def _parse(
             "master": master or None,
             "node_name": resolve_node_name(hostname_override, environ, gethostname),
             "cleanup": flags.boolean("cleanup"),
+            "write_config_to": flags.text("write-config-to") or None,
             "config_file": config_path or None,
             "unsupported_flags": tuple(unsupported),
             "overridden_by_flags": tuple(merged.overridden),

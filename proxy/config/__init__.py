@@ -11,13 +11,16 @@ One module per job:
     values.py     one scalar: Go booleans, bounded integers, masquerade bit, proxy mode
     addresses.py  IP:port, bind addresses, pod CIDRs, the NodePort address filter
     node.py       which Node this is (--hostname-override, $NODE_NAME, host name)
-    settings.py   `Settings` with kube-proxy's defaults; rules spanning several settings
+    settings.py   `Settings` with kube-proxy's defaults, and settings by name while merging
+    rules.py      rules spanning several settings or depending on the mode (checked last)
     schema.py     the v1alpha1 `KubeProxyConfiguration` field tree, as data
     file.py       reading a config file into what it sets (`FileConfig`)
+    write.py      `--write-config-to`: `Settings` back into a config file (the inverse)
 
 Import a name from the module that owns it. The package re-exports only the names the
 rest of the proxy has always imported from here (`Settings`, `ConfigError`,
-`split_host_port`). Nothing in the package touches the network or keeps state.
+`split_host_port`). Nothing in the package touches the network or keeps state; file.py
+reads the config file and write.py writes one, nothing else does I/O.
 """
 
 from proxy.config.addresses import split_host_port

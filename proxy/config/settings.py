@@ -98,6 +98,8 @@ class Settings:
     """klog-style log verbosity (`-v`); 4 and above means debug."""
     cleanup: bool = False
     """Remove every rule this proxy owns, then exit."""
+    write_config_to: str | None = None
+    """`--write-config-to`: write these settings as a KubeProxyConfiguration file, then exit."""
     config_file: str | None = None
     """The `--config` file the settings were read from, if any."""
     unsupported_flags: tuple[str, ...] = ()

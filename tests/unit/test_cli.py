@@ -184,15 +184,16 @@ IMPLEMENTED_NOW = [
     "ipvs-tcpfin-timeout", "ipvs-udp-timeout", "conntrack-max-per-core", "conntrack-min",
     "conntrack-tcp-timeout-established", "conntrack-tcp-timeout-close-wait",
     "conntrack-tcp-be-liberal", "conntrack-udp-timeout", "conntrack-udp-timeout-stream",
+    "write-config-to",
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", IMPLEMENTED_NOW)
-def test_ipvs_and_conntrack_flags_are_implemented(name: str) -> None:
+def test_ipvs_conntrack_and_exit_flags_are_implemented(name: str) -> None:
     flag = next(f for f in FLAGS if f.name == name)
     assert flag.supported
     argv = [f"--{name}=0s" if "timeout" in name else f"--{name}"]
-    if name in ("ipvs-scheduler", "ipvs-exclude-cidrs"):
+    if name in ("ipvs-scheduler", "ipvs-exclude-cidrs", "write-config-to"):
         argv = [f"--{name}="]
     elif name in ("conntrack-max-per-core", "conntrack-min"):
         argv = [f"--{name}=0"]
@@ -427,6 +428,11 @@ def test_ipvs_and_conntrack_merge_field_by_field_over_the_file(tmp_path: Path) -
     assert settings.ipvs == IpvsOptions(scheduler="lc", tcp_timeout=1200.0)
     assert settings.conntrack == ConntrackSettings(min=2000, tcp_be_liberal=True)
     assert settings.overridden_by_flags == ("--ipvs-tcp-timeout", "--conntrack-min")
+
+
+def test_write_config_to_lands_in_settings() -> None:
+    assert parse(["--write-config-to=/tmp/kp.yaml"]).write_config_to == "/tmp/kp.yaml"
+    assert parse(["--write-config-to="]).write_config_to is None  # upstream: empty means unset
 
 
 # -- the config file and precedence ------------------------------------------------------
