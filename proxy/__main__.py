@@ -5,16 +5,20 @@ After the settings are parsed, exactly one of these happens, in upstream's order
 - `--write-config-to PATH`: write the effective configuration as a
   `KubeProxyConfiguration` file (`proxy.config.write`) and exit; nothing else runs;
 - `--cleanup`: remove every rule this proxy owns and exit (`proxy.app`);
+- `--init-only`: set the kernel tunables that need full root privileges and exit
+  (`proxy.init`); no API server, no rule is touched;
 - otherwise run the proxy until SIGTERM or SIGINT (`proxy.app`).
 
-Exit codes: 0 after a clean stop, cleanup or write, 1 for a bad flag, config file or
-setting, or a file that cannot be written (the message names the field and value),
-2 when start-up fails (a port already bound, an unknown proxy mode).
+Exit codes: 0 after a clean stop, cleanup, write or init, 1 for a bad flag, config file
+or setting, a file that cannot be written, or a sysctl `--init-only` cannot set (the
+message names the field or sysctl and the value), 2 when start-up fails (a port already
+bound, an unknown proxy mode).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +28,8 @@ from proxy.cli import parse_settings
 from proxy.config.errors import ConfigError
 from proxy.config.settings import Settings
 from proxy.config.write import write_config_file
+from proxy.init import InitError, apply, kernel_version, plan
+from proxy.kernel.sysctl import ProcTunables
 from proxy.kube.listwatch import ConfigError as KubeConfigError
 
 log = logging.getLogger("proxy")
@@ -56,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("flags override the config file for: %s", ", ".join(settings.overridden_by_flags))
     if settings.write_config_to:
         return _write_config(settings, settings.write_config_to)
+    if settings.init_only and not settings.cleanup:  # upstream: --cleanup runs first, and exits
+        return _init_only(settings)
     try:
         return run(settings)
     except KubeConfigError as err:
@@ -79,6 +87,18 @@ def _write_config(settings: Settings, path: str) -> int:
     if settings.master:
         log.warning("--master is not part of a KubeProxyConfiguration: not written to %s", path)
     log.info("wrote the configuration to %s", path)
+    return 0
+
+
+def _init_only(settings: Settings) -> int:
+    """`--init-only`: the privileged kernel settings (`proxy.init`), then exit."""
+    steps = plan(settings, cpus=os.cpu_count() or 1, kernel=kernel_version(os.uname().release))
+    try:
+        apply(steps, ProcTunables())
+    except InitError as err:
+        log.error("%s", err)
+        return 1
+    log.info("initialized (--init-only): exiting")
     return 0
 
 

@@ -100,6 +100,8 @@ class Settings:
     """Remove every rule this proxy owns, then exit."""
     write_config_to: str | None = None
     """`--write-config-to`: write these settings as a KubeProxyConfiguration file, then exit."""
+    init_only: bool = False
+    """`--init-only`: set what needs full root privileges (sysctls, see `proxy.init`), then exit."""
     config_file: str | None = None
     """The `--config` file the settings were read from, if any."""
     unsupported_flags: tuple[str, ...] = ()

@@ -44,6 +44,7 @@ RUN_ONLY: tuple[str, ...] = (
     "node_name",
     "cleanup",
     "write_config_to",
+    "init_only",
     "config_file",
     "unsupported_flags",
     "overridden_by_flags",

@@ -184,7 +184,7 @@ IMPLEMENTED_NOW = [
     "ipvs-tcpfin-timeout", "ipvs-udp-timeout", "conntrack-max-per-core", "conntrack-min",
     "conntrack-tcp-timeout-established", "conntrack-tcp-timeout-close-wait",
     "conntrack-tcp-be-liberal", "conntrack-udp-timeout", "conntrack-udp-timeout-stream",
-    "write-config-to",
+    "write-config-to", "init-only",
 ]  # fmt: skip
 
 
@@ -430,9 +430,11 @@ def test_ipvs_and_conntrack_merge_field_by_field_over_the_file(tmp_path: Path) -
     assert settings.overridden_by_flags == ("--ipvs-tcp-timeout", "--conntrack-min")
 
 
-def test_write_config_to_lands_in_settings() -> None:
+def test_write_config_to_and_init_only_land_in_settings() -> None:
     assert parse(["--write-config-to=/tmp/kp.yaml"]).write_config_to == "/tmp/kp.yaml"
     assert parse(["--write-config-to="]).write_config_to is None  # upstream: empty means unset
+    assert parse(["--init-only"]).init_only is True
+    assert parse(["--init-only=false"]).init_only is False
 
 
 # -- the config file and precedence ------------------------------------------------------
