@@ -38,7 +38,7 @@ RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then set -- --cert /run/secrets/pip-ca; fi; \
     /opt/kube-proxy-py/bin/pip install "$@" --no-cache-dir --disable-pip-version-check \
         --isolated --only-binary=:all: --require-hashes -r /src/requirements.lock
-COPY pyproject.toml /src/
+COPY pyproject.toml LICENSE /src/
 COPY proxy /src/proxy
 # The project: no index, no build isolation (setuptools comes from the lock), no new deps;
 # then pip checks that the locked set satisfies the project's own requirements, and the

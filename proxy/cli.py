@@ -21,7 +21,11 @@ replaced a file value, so the caller can warn about the difference.
 Other upstream rules kept: `--iptables-(min-)sync-period` set the periods unless
 the mode is ipvs, where `--ipvs-(min-)sync-period` do; the deprecated
 `--healthz-port` / `--metrics-port` give the port of a bare-IP bind address, and 0
-disables the server; an empty `--metrics-bind-address` disables metrics.
+disables the server; an empty `--metrics-bind-address` disables metrics; the
+`--ipvs-*` values are checked (non-negative timeouts, valid excluded CIDRs) only in
+ipvs mode, as upstream's validation, while `--conntrack-*` are checked in every mode.
+Settings are merged by name ("sync_period", "ipvs.scheduler", "conntrack.min"), so a
+flag replaces one field of a group and the file's other fields stay.
 
 The node name is `--hostname-override`, else the config file's `hostnameOverride`,
 else the `NODE_NAME` environment variable, else `socket.gethostname()`: trimmed and
@@ -46,30 +50,33 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from proxy import __version__
-from proxy.config import (
+from proxy.config.addresses import (
+    parse_bind_address,
+    parse_cluster_cidrs,
+    parse_nodeport_addresses,
+    split_list,
+)
+from proxy.config.durations import duration_value
+from proxy.config.errors import BadValueError, ConfigError, invalid
+from proxy.config.file import FileConfig, load_config_file
+from proxy.config.node import normalize_hostname, resolve_node_name
+from proxy.config.rules import check_ipvs, check_sync_periods
+from proxy.config.settings import (
     DEFAULT_HEALTHZ_BIND_ADDRESS,
+    DEFAULT_IPVS_SCHEDULER,
     DEFAULT_METRICS_BIND_ADDRESS,
-    DEFAULT_MIN_SYNC_PERIOD,
-    DEFAULT_SYNC_PERIOD,
     HEALTHZ_PORT,
     METRICS_PORT,
-    BadValueError,
-    ConfigError,
-    FileConfig,
     Settings,
+    default_value,
+    settings_from,
+)
+from proxy.config.values import (
     check_masquerade_bit,
     check_proxy_mode,
-    check_sync_periods,
-    duration_value,
-    invalid,
-    load_config_file,
-    normalize_hostname,
-    parse_bind_address,
+    non_negative,
     parse_bool,
-    parse_cluster_cidrs,
     parse_int,
-    parse_nodeport_addresses,
-    resolve_node_name,
 )
 
 PROGRAM = "kube-proxy-py"
@@ -147,6 +154,56 @@ FLAGS: tuple[Flag, ...] = (
         "mode",
     ),
     _switch("bind-address-hard-fail", "Accepted; failing to bind a port is always fatal here."),
+    _value(
+        "ipvs-scheduler", "The IPVS scheduler in ipvs mode (rr, wrr, lc, ...; empty: rr).", "name"
+    ),
+    _value(
+        "ipvs-exclude-cidrs",
+        "CIDRs whose IPVS virtual servers the ipvs proxy never removes (comma-separated).",
+        "cidrs",
+    ),
+    _switch("ipvs-strict-arp", "Set arp_ignore=1 and arp_announce=2 (ipvs mode, --init-only)."),
+    _value("ipvs-tcp-timeout", "Idle timeout of IPVS TCP connections; 0 leaves it.", "duration"),
+    _value(
+        "ipvs-tcpfin-timeout",
+        "Timeout of IPVS TCP connections after a FIN; 0 leaves it.",
+        "duration",
+    ),
+    _value("ipvs-udp-timeout", "Timeout of IPVS UDP flows; 0 leaves it.", "duration"),
+    _value(
+        "conntrack-max-per-core",
+        "Conntrack entries per CPU (default 32768); 0 leaves the limit and --conntrack-min alone.",
+        "int",
+    ),
+    _value("conntrack-min", "The least conntrack table size (default 131072).", "int"),
+    _value(
+        "conntrack-tcp-timeout-established",
+        "Idle timeout of established TCP conntrack entries (default 24h0m0s; 0 leaves it).",
+        "duration",
+    ),
+    _value(
+        "conntrack-tcp-timeout-close-wait",
+        "Timeout of TCP conntrack entries in CLOSE_WAIT (default 1h0m0s; 0 leaves it).",
+        "duration",
+    ),
+    _switch("conntrack-tcp-be-liberal", "Set nf_conntrack_tcp_be_liberal to 1."),
+    _value(
+        "conntrack-udp-timeout", "Idle timeout of UNREPLIED UDP entries; 0 leaves it.", "duration"
+    ),
+    _value(
+        "conntrack-udp-timeout-stream",
+        "Idle timeout of ASSURED UDP entries; 0 leaves it.",
+        "duration",
+    ),
+    _value(
+        "write-config-to",
+        "Write the effective configuration as a KubeProxyConfiguration file here, then exit.",
+        "path",
+    ),
+    _switch(
+        "init-only",
+        "Set what needs full root privileges (conntrack, and ipvs-mode sysctls), then exit.",
+    ),
     _value("v", "Log verbosity (4 and above: debug).", "int", shorthand="v"),
     _switch("version", "Print the version and exit."),
     _switch("help", "Show this help and exit.", shorthand="h"),
@@ -156,18 +213,7 @@ FLAGS: tuple[Flag, ...] = (
         for name in (
             "bind-address",
             "config-sync-period",
-            "conntrack-max-per-core",
-            "conntrack-min",
-            "conntrack-tcp-timeout-close-wait",
-            "conntrack-tcp-timeout-established",
-            "conntrack-udp-timeout",
-            "conntrack-udp-timeout-stream",
             "feature-gates",
-            "ipvs-exclude-cidrs",
-            "ipvs-scheduler",
-            "ipvs-tcp-timeout",
-            "ipvs-tcpfin-timeout",
-            "ipvs-udp-timeout",
             "kube-api-burst",
             "kube-api-content-type",
             "kube-api-qps",
@@ -188,7 +234,6 @@ FLAGS: tuple[Flag, ...] = (
             "stderrthreshold",
             "udp-timeout",
             "vmodule",
-            "write-config-to",
         )
     ),
     *(
@@ -198,10 +243,7 @@ FLAGS: tuple[Flag, ...] = (
             "alsologtostderr",
             "cleanup-iptables",
             "cleanup-ipvs",
-            "conntrack-tcp-be-liberal",
-            "init-only",
             "iptables-localhost-nodeports",
-            "ipvs-strict-arp",
             "log-json-split-stream",
             "log-text-split-stream",
             "logtostderr",
@@ -377,17 +419,22 @@ def _parse(
     _bind_address(merged, flags, "healthz", HEALTHZ_PORT)
 
     # Upstream: the iptables-* periods apply unless the mode is ipvs, then the ipvs-* ones.
-    prefix = "ipvs" if merged.get("proxy_mode", "iptables") == "ipvs" else "iptables"
+    mode = merged.get("proxy_mode")
+    prefix = "ipvs" if mode == "ipvs" else "iptables"
     merged.put("sync_period", flags, f"{prefix}-sync-period", duration_value)
     merged.put("min_sync_period", flags, f"{prefix}-min-sync-period", duration_value)
-    sync_period = merged.get("sync_period", DEFAULT_SYNC_PERIOD)
-    min_sync_period = merged.get("min_sync_period", DEFAULT_MIN_SYNC_PERIOD)
     check_sync_periods(
-        sync_period,
-        min_sync_period,
+        merged.get("sync_period"),
+        merged.get("min_sync_period"),
         sync_from=merged.source("sync_period"),
         min_from=merged.source("min_sync_period"),
     )
+    _ipvs_flags(merged, flags)
+    _conntrack_flags(merged, flags)
+    if mode == "ipvs":
+        ipvs = check_ipvs(settings_from(merged.values).ipvs, source=merged.source)
+        if ipvs.exclude_cidrs:
+            merged.values["ipvs.exclude_cidrs"] = ipvs.exclude_cidrs  # normalised
 
     unsupported = [f"--{name}" for name in given if not _BY_NAME[name].supported]
     local_mode = flags.text("detect-local-mode")
@@ -395,16 +442,58 @@ def _parse(
         unsupported.append("--detect-local-mode")
     unsupported.extend(file.unsupported_fields)
 
-    hostname_override = merged.get("hostname_override", None)
-    return Settings(
-        **merged.values,
-        master=master or None,
-        node_name=resolve_node_name(hostname_override, environ, gethostname),
-        cleanup=flags.boolean("cleanup"),
-        config_file=config_path or None,
-        unsupported_flags=tuple(unsupported),
-        overridden_by_flags=tuple(merged.overridden),
+    hostname_override = merged.get("hostname_override")
+    return settings_from(
+        {
+            **merged.values,
+            "master": master or None,
+            "node_name": resolve_node_name(hostname_override, environ, gethostname),
+            "cleanup": flags.boolean("cleanup"),
+            "write_config_to": flags.text("write-config-to") or None,
+            "init_only": flags.boolean("init-only"),
+            "config_file": config_path or None,
+            "unsupported_flags": tuple(unsupported),
+            "overridden_by_flags": tuple(merged.overridden),
+        }
     )
+
+
+def _ipvs_flags(merged: _Merge, flags: _FlagValues) -> None:
+    """--ipvs-*: read in every mode; checked by `check_ipvs` in ipvs mode only, as upstream."""
+    merged.put("ipvs.scheduler", flags, "ipvs-scheduler", lambda v: v or DEFAULT_IPVS_SCHEDULER)
+    merged.put(
+        "ipvs.exclude_cidrs",
+        flags,
+        "ipvs-exclude-cidrs",
+        lambda v: split_list(v.split(",")),
+        raw=flags.appended("ipvs-exclude-cidrs"),
+    )
+    merged.put("ipvs.strict_arp", flags, "ipvs-strict-arp", parse_bool)
+    merged.put("ipvs.tcp_timeout", flags, "ipvs-tcp-timeout", duration_value)
+    merged.put("ipvs.tcp_fin_timeout", flags, "ipvs-tcpfin-timeout", duration_value)
+    merged.put("ipvs.udp_timeout", flags, "ipvs-udp-timeout", duration_value)
+
+
+def _conntrack_flags(merged: _Merge, flags: _FlagValues) -> None:
+    """--conntrack-*: upstream's int32 flags and durations, none of them negative."""
+
+    def count(value: str) -> int:
+        return non_negative(parse_int(value, low=-(2**31), high=2**31 - 1))
+
+    def timeout(value: str) -> float:
+        return non_negative(duration_value(value))
+
+    merged.put("conntrack.max_per_core", flags, "conntrack-max-per-core", count)
+    merged.put("conntrack.min", flags, "conntrack-min", count)
+    merged.put(
+        "conntrack.tcp_established_timeout", flags, "conntrack-tcp-timeout-established", timeout
+    )
+    merged.put(
+        "conntrack.tcp_close_wait_timeout", flags, "conntrack-tcp-timeout-close-wait", timeout
+    )
+    merged.put("conntrack.tcp_be_liberal", flags, "conntrack-tcp-be-liberal", parse_bool)
+    merged.put("conntrack.udp_timeout", flags, "conntrack-udp-timeout", timeout)
+    merged.put("conntrack.udp_stream_timeout", flags, "conntrack-udp-timeout-stream", timeout)
 
 
 def _wants_version(values: Sequence[str]) -> bool:
@@ -483,12 +572,13 @@ class _Merge:
         self.overridden: list[str] = []
         self._from_file: set[str] = set()
         for setting, dotted in file.fields.items():
-            self.values[setting] = getattr(file, setting)
+            self.values[setting] = file.values[setting]
             self._sources[setting] = f"{file.path}: {dotted}"
             self._from_file.add(setting)
 
-    def get(self, setting: str, default: Any) -> Any:
-        return self.values.get(setting, default)
+    def get(self, setting: str) -> Any:
+        """The merged value so far: the flag's, else the file's, else the default."""
+        return self.values[setting] if setting in self.values else default_value(setting)
 
     def source(self, setting: str) -> str:
         return self._sources.get(setting, "the default")

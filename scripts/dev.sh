@@ -49,6 +49,8 @@ run_tests() {
   "$VENV/bin/ruff" format --check proxy lab tests benchmarks
   log "mypy --strict proxy/ lab/"
   "$VENV/bin/mypy" proxy lab
+  log "import-linter: the layers declared in pyproject.toml"
+  "$VENV/bin/lint-imports"
   log "pytest: unit, kernel and end-to-end suites (kernel tests must not be skipped)"
   "$VENV/bin/pytest" -q -ra tests
   if [ -x scripts/manifests-check.sh ]; then

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from proxy import __version__
+from proxy.backends.base import IpvsOptions
 from proxy.cli import FLAGS, Flag, help_text, parse_settings
-from proxy.config import ConfigError, Settings
+from proxy.config.errors import ConfigError
+from proxy.config.settings import ConntrackSettings, Settings
 
 API = {"apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration"}
 
@@ -158,11 +160,11 @@ def test_unsupported_flags_are_accepted_and_collected(flag: Flag) -> None:
 def test_unsupported_flags_are_all_named_once() -> None:
     settings = parse(
         [
-            "--conntrack-max-per-core=0",
+            "--kube-api-qps=10",
             "--profiling",
             "--feature-gates",
             "A=true,B=false",
-            "--conntrack-max-per-core=1",
+            "--kube-api-qps=20",
             "--oom-score-adj",
             "-999",
             "--detect-local-mode=ClusterCIDR",
@@ -170,11 +172,34 @@ def test_unsupported_flags_are_all_named_once() -> None:
         ]
     )
     assert sorted(settings.unsupported_flags) == [
-        "--conntrack-max-per-core",
         "--feature-gates",
+        "--kube-api-qps",
         "--oom-score-adj",
         "--profiling",
     ]
+
+
+IMPLEMENTED_NOW = [
+    "ipvs-scheduler", "ipvs-exclude-cidrs", "ipvs-strict-arp", "ipvs-tcp-timeout",
+    "ipvs-tcpfin-timeout", "ipvs-udp-timeout", "conntrack-max-per-core", "conntrack-min",
+    "conntrack-tcp-timeout-established", "conntrack-tcp-timeout-close-wait",
+    "conntrack-tcp-be-liberal", "conntrack-udp-timeout", "conntrack-udp-timeout-stream",
+    "write-config-to", "init-only",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", IMPLEMENTED_NOW)
+def test_ipvs_conntrack_and_exit_flags_are_implemented(name: str) -> None:
+    flag = next(f for f in FLAGS if f.name == name)
+    assert flag.supported
+    argv = [f"--{name}=0s" if "timeout" in name else f"--{name}"]
+    if name in ("ipvs-scheduler", "ipvs-exclude-cidrs", "write-config-to"):
+        argv = [f"--{name}="]
+    elif name in ("conntrack-max-per-core", "conntrack-min"):
+        argv = [f"--{name}=0"]
+    assert parse(argv).unsupported_flags == ()
+    ignored_help = help_text().split("accepted but not implemented")[1]
+    assert f"--{name} " not in ignored_help
 
 
 def test_detect_local_mode_other_than_cluster_cidr_is_unsupported() -> None:
@@ -298,6 +323,120 @@ def test_node_name_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse(["--hostname-override="], {"NODE_NAME": "node-b"}).node_name == "node-b"
 
 
+# -- ipvs and conntrack -------------------------------------------------------------------
+
+
+def test_ipvs_and_conntrack_flags_land_in_settings() -> None:
+    settings = parse(
+        [
+            "--proxy-mode=ipvs",
+            "--ipvs-scheduler=wrr",
+            "--ipvs-exclude-cidrs=198.18.0.1/15",
+            "--ipvs-exclude-cidrs= fd00::0001/64 ,",
+            "--ipvs-strict-arp",
+            "--ipvs-tcp-timeout=15m",
+            "--ipvs-tcpfin-timeout=30s",
+            "--ipvs-udp-timeout=5m",
+            "--conntrack-max-per-core=0",
+            "--conntrack-min=65536",
+            "--conntrack-tcp-timeout-established=0",
+            "--conntrack-tcp-timeout-close-wait=30m",
+            "--conntrack-tcp-be-liberal",
+            "--conntrack-udp-timeout=45s",
+            "--conntrack-udp-timeout-stream=2m",
+        ]
+    )
+    assert settings.ipvs == IpvsOptions(
+        scheduler="wrr",
+        exclude_cidrs=("198.18.0.0/15", "fd00::/64"),  # appended over repeats, normalised
+        strict_arp=True,
+        tcp_timeout=900.0,
+        tcp_fin_timeout=30.0,
+        udp_timeout=300.0,
+    )
+    assert settings.conntrack == ConntrackSettings(
+        max_per_core=0,
+        min=65536,
+        tcp_established_timeout=0.0,
+        tcp_close_wait_timeout=1800.0,
+        tcp_be_liberal=True,
+        udp_timeout=45.0,
+        udp_stream_timeout=120.0,
+    )
+    assert settings.unsupported_flags == ()
+
+
+def test_an_empty_ipvs_scheduler_means_round_robin() -> None:
+    assert parse(["--ipvs-scheduler="]).ipvs.scheduler == "rr"
+    assert parse(["--ipvs-scheduler=sh", "--ipvs-scheduler="]).ipvs.scheduler == "rr"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--conntrack-max-per-core=-1"],
+         '--conntrack-max-per-core: "-1" must be greater than or equal to 0'),
+        (["--conntrack-min=lots"], '--conntrack-min: "lots" is not an integer'),
+        (["--conntrack-min=2147483648"],
+         '--conntrack-min: "2147483648" must be within the range [-2147483648, 2147483647]'),
+        (["--conntrack-tcp-timeout-established=-1h"],
+         '--conntrack-tcp-timeout-established: "-1h" must be greater than or equal to 0'),
+        (["--conntrack-tcp-timeout-close-wait=1"],
+         '--conntrack-tcp-timeout-close-wait: "1" is not a duration'),
+        (["--conntrack-udp-timeout=-1s"],
+         '--conntrack-udp-timeout: "-1s" must be greater than or equal to 0'),
+        (["--conntrack-udp-timeout-stream=x"], '--conntrack-udp-timeout-stream: "x" is not a dur'),
+        (["--conntrack-tcp-be-liberal=maybe"],
+         '--conntrack-tcp-be-liberal: "maybe" is not a boolean'),
+        (["--ipvs-strict-arp=2"], '--ipvs-strict-arp: "2" is not a boolean'),
+        (["--ipvs-tcp-timeout=15"], '--ipvs-tcp-timeout: "15" is not a duration'),
+        (["--proxy-mode=ipvs", "--ipvs-tcp-timeout=-1s"],
+         '--ipvs-tcp-timeout: "-1s" must be greater than or equal to 0'),
+        (["--proxy-mode=ipvs", "--ipvs-tcpfin-timeout=-2s"],
+         '--ipvs-tcpfin-timeout: "-2s" must be greater than or equal to 0'),
+        (["--proxy-mode=ipvs", "--ipvs-udp-timeout=-1m"],
+         '--ipvs-udp-timeout: "-1m0s" must be greater than or equal to 0'),
+        (["--proxy-mode=ipvs", "--ipvs-exclude-cidrs=198.18.0.0/15,198.18.0.1"],
+         '--ipvs-exclude-cidrs: "198.18.0.1" is not a valid CIDR'),
+    ],
+)  # fmt: skip
+def test_bad_ipvs_and_conntrack_values_name_the_flag(argv: list[str], message: str) -> None:
+    assert error_of(argv).startswith(message)
+
+
+def test_ipvs_values_are_checked_in_ipvs_mode_only_as_upstream(tmp_path: Path) -> None:
+    argv = ["--ipvs-tcp-timeout=-1s", "--ipvs-exclude-cidrs=bogus"]
+    carried = parse(argv)  # iptables mode: upstream neither checks nor uses ipvs.*
+    assert (carried.ipvs.tcp_timeout, carried.ipvs.exclude_cidrs) == (-1.0, ("bogus",))
+    assert "--ipvs-tcp-timeout" in error_of([*argv, "--proxy-mode=ipvs"])
+    # The mode from a flag, the bad value from the file: the message names the file's field.
+    path = config_file(tmp_path, ipvs={"excludeCIDRs": ["198.18.0.0/15", "bogus"]})
+    assert parse([f"--config={path}"]).ipvs.exclude_cidrs == ("198.18.0.0/15", "bogus")
+    assert error_of([f"--config={path}", "--proxy-mode=ipvs"]) == (
+        f'{path}: ipvs.excludeCIDRs: "bogus" is not a valid CIDR'
+    )
+
+
+def test_ipvs_and_conntrack_merge_field_by_field_over_the_file(tmp_path: Path) -> None:
+    path = config_file(
+        tmp_path,
+        mode="ipvs",
+        ipvs={"scheduler": "lc", "tcpTimeout": "10m"},
+        conntrack={"min": 1000, "tcpBeLiberal": True},
+    )
+    settings = parse([f"--config={path}", "--ipvs-tcp-timeout=20m", "--conntrack-min=2000"])
+    assert settings.ipvs == IpvsOptions(scheduler="lc", tcp_timeout=1200.0)
+    assert settings.conntrack == ConntrackSettings(min=2000, tcp_be_liberal=True)
+    assert settings.overridden_by_flags == ("--ipvs-tcp-timeout", "--conntrack-min")
+
+
+def test_write_config_to_and_init_only_land_in_settings() -> None:
+    assert parse(["--write-config-to=/tmp/kp.yaml"]).write_config_to == "/tmp/kp.yaml"
+    assert parse(["--write-config-to="]).write_config_to is None  # upstream: empty means unset
+    assert parse(["--init-only"]).init_only is True
+    assert parse(["--init-only=false"]).init_only is False
+
+
 # -- the config file and precedence ------------------------------------------------------
 
 
@@ -357,9 +496,9 @@ def test_config_file_errors_name_the_file_and_field(tmp_path: Path) -> None:
 
 
 def test_unsupported_config_fields_join_the_unsupported_flags(tmp_path: Path) -> None:
-    path = config_file(tmp_path, conntrack={"maxPerCore": 0})
+    path = config_file(tmp_path, oomScoreAdj=0, conntrack={"maxPerCore": 0})
     settings = parse([f"--config={path}", "--profiling"])
-    assert settings.unsupported_flags == ("--profiling", "conntrack.maxPerCore")
+    assert settings.unsupported_flags == ("--profiling", "oomScoreAdj")
 
 
 # -- help and version --------------------------------------------------------------------
