@@ -18,10 +18,18 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from types import FrameType
 
-from proxy.backends.base import Backend, BackendConfig, UnknownBackendError, create, known
+from proxy.backends.base import (
+    Backend,
+    BackendConfig,
+    BackendMetrics,
+    UnknownBackendError,
+    create,
+    known,
+)
 from proxy.changes import ChangeTracker
 from proxy.config import Settings
 from proxy.handlers import NodeHandler, ServiceHandler, SliceHandler
@@ -38,12 +46,31 @@ from proxy.runner import BoundedFrequencyRunner
 log = logging.getLogger("proxy")
 
 
+def backend_config(
+    settings: Settings,
+    *,
+    metrics: BackendMetrics | None = None,
+    request_sync: Callable[[float], None] | None = None,
+) -> BackendConfig:
+    """What a backend needs of the settings, plus where it reports and asks for syncs."""
+    config = BackendConfig(
+        masquerade_bit=settings.masquerade_bit,
+        sync_period=settings.sync_period,
+        ipvs=settings.ipvs,
+    )
+    if metrics is not None:
+        config = replace(config, metrics=metrics)
+    if request_sync is not None:
+        config = replace(config, request_sync=request_sync)
+    return config
+
+
 def cleanup(settings: Settings) -> int:
     """`--cleanup`: remove everything every backend owns; exit 0 also when nothing was there."""
     removed = False
     for name in known():
         try:
-            backend = create(name, BackendConfig(masquerade_bit=settings.masquerade_bit))
+            backend = create(name, backend_config(settings))
         except UnknownBackendError as err:
             # One backend that cannot load must not keep the others' rules in place.
             log.warning("cleanup skips %s: %s", name, err)
@@ -106,12 +133,7 @@ def start(settings: Settings) -> Proxy:
     )
     backend = create(
         settings.proxy_mode,
-        BackendConfig(
-            masquerade_bit=settings.masquerade_bit,
-            sync_period=settings.sync_period,
-            metrics=metrics,
-            request_sync=runner.retry,
-        ),
+        backend_config(settings, metrics=metrics, request_sync=runner.retry),
     )
     node = NodeContext(
         node_name=settings.node_name,
