@@ -70,8 +70,14 @@ def cluster_endpoints(
     port: ServicePort, endpoints: Sequence[Endpoint], node_name: str, zone: str | None
 ) -> tuple[Endpoint, ...]:
     """Endpoints for Cluster traffic policy: ready (topology-filtered), else serving-terminating."""
-    keep = _topology_filter(_topology_mode(port, endpoints, node_name, zone), node_name, zone)
-    ready = tuple(ep for ep in endpoints if ep.ready and keep(ep))
+    mode = _topology_mode(port, endpoints, node_name, zone)
+    if mode == _NO_TOPOLOGY:
+        ready = tuple(ep for ep in endpoints if ep.ready)
+        if isinstance(endpoints, tuple) and len(ready) == len(endpoints):
+            return endpoints  # the usual case: one tuple shared by every endpoint set
+    else:
+        keep = _topology_filter(mode, node_name, zone)
+        ready = tuple(ep for ep in endpoints if ep.ready and keep(ep))
     if ready:
         return ready
     return tuple(ep for ep in endpoints if ep.serving and ep.terminating)
