@@ -122,8 +122,8 @@ def start(settings: Settings) -> Proxy:
         if proxier.ready:
             runner.request()
 
-    def sync() -> None:
-        proxier.sync()
+    def sync() -> bool:
+        return proxier.sync()
 
     tracker = ChangeTracker(on_queued=queued)
     runner = BoundedFrequencyRunner(

@@ -159,11 +159,14 @@ class Proxier:
 
     # -- called from the runner's thread -------------------------------------------------
 
-    def sync(self) -> None:
-        """One round: recompute what changed, write it, report it. Never raises."""
+    def sync(self) -> bool:
+        """One round: recompute what changed, write it, report it. Never raises.
+
+        Returns False when nothing was written (not listed yet, or nothing changed and
+        no full sync due): the runner then does not hold the next change back."""
         if not self.ready:
             log.debug("not syncing: services or endpointslices not listed yet")
-            return
+            return False
         started = self._clock()
         checkout = self._tracker.checkout()
         # Until a sync succeeds, this checkout's trigger times stay owed to the metric.
@@ -171,15 +174,16 @@ class Proxier:
             t for times in checkout.trigger_times.values() for t in times
         )
         try:
-            self._sync(checkout, started)
+            return self._sync(checkout, started)
         except Exception as err:
             # A bug of ours somewhere after the checkout: the checkout may be half
             # applied, so recompute everything and write everything next time.
             log.exception("sync failed unexpectedly; the next sync recomputes every service")
             self._tracker.mark_all()
             self._failed(BackendError(f"unexpected error: {err!r}"), full=True)
+            return True
 
-    def _sync(self, checkout: Checkout, started: float) -> None:
+    def _sync(self, checkout: Checkout, started: float) -> bool:
         self._metrics.set_pending_changes(services=0, endpoints=0)
         self._metrics.add_changes(
             services=checkout.service_changes, endpoints=checkout.endpoint_changes
@@ -197,7 +201,7 @@ class Proxier:
         node_changed = self._node != self._synced_node
         if not full and not self._unsynced and not node_changed:
             self._succeeded(started, full=False, wrote=False)
-            return
+            return False
         hint = SyncHint(
             full=full,
             changed=frozenset(self._unsynced),
@@ -212,8 +216,9 @@ class Proxier:
             self._backend.sync(state, hint)
         except BackendError as err:
             self._failed(err, full=full)
-            return
+            return True
         self._succeeded(started, full=full, wrote=True)
+        return True
 
     def _take_node(self, info: NodeInfo) -> None:
         self._zone = info.zone

@@ -4,10 +4,12 @@ kube-proxy's sync loop rules, in two layers so the timing logic is testable with
 fake clock:
 
 - `Schedule` is pure arithmetic over monotonic times: when is the next run due?
-  A request runs at once unless the previous run started less than `min_interval`
-  ago (then it waits for the rest of it: a burst of events becomes one sync); with no
-  request at all a run is due `max_interval` after the previous one; a retry asked
-  for after a failure is due at its own time.
+  A request runs at once unless the previous run that did work (wrote to the kernel)
+  started less than `min_interval` ago (then it waits for the rest of it: a burst of
+  events becomes one sync); with no request at all a run is due `max_interval` after
+  the previous one; a retry asked for after a failure is due at its own time. A run
+  that did nothing (a periodic tick finding no change) does not hold the next change
+  back: `min_interval` spaces kernel writes, not looks.
 - `BoundedFrequencyRunner` drives a function from one dedicated thread using a
   `Schedule` and a `threading.Condition`. `request()` and `retry()` may be called from
   any thread and never block on the function.
@@ -35,6 +37,9 @@ class Schedule:
         self.min_interval = min_interval
         self.max_interval = max_interval
         self._last_run: float | None = None
+        self._last_work: float | None = None
+        """When the last run that did work started (what min_interval counts from)."""
+        self._work_before: float | None = None
         self._requested = False
         self._retry_at: float | None = None
 
@@ -54,26 +59,35 @@ class Schedule:
             if self._requested:
                 return now
             return self._retry_at if self._retry_at is not None else math.inf
+        earliest = -math.inf if self._last_work is None else self._last_work + self.min_interval
         candidates = [self._last_run + self.max_interval]
         if self._requested:
-            candidates.append(self._last_run + self.min_interval)
+            candidates.append(earliest)
         if self._retry_at is not None:
-            candidates.append(max(self._retry_at, self._last_run + self.min_interval))
+            candidates.append(max(self._retry_at, earliest))
         return min(candidates)
 
     def started(self, now: float) -> None:
         """Record that a run starts now: pending requests and retries are consumed."""
         self._last_run = now
+        self._work_before, self._last_work = self._last_work, now
         self._requested = False
         self._retry_at = None
 
+    def idle(self) -> None:
+        """The run that just started did no work: it does not count for min_interval."""
+        self._last_work = self._work_before
+
 
 class BoundedFrequencyRunner:
-    """Runs `fn` on its own thread as `Schedule` dictates, until stopped."""
+    """Runs `fn` on its own thread as `Schedule` dictates, until stopped.
+
+    `fn` returns False when it did nothing (see `Schedule.idle`); None or True count
+    as work."""
 
     def __init__(
         self,
-        fn: Callable[[], None],
+        fn: Callable[[], bool | None],
         *,
         min_interval: float,
         max_interval: float,
@@ -121,8 +135,12 @@ class BoundedFrequencyRunner:
                     return
                 self._schedule.started(self._clock())
             try:
-                self._fn()
+                worked = self._fn()
             except Exception:
                 # The function handles its own errors; this only keeps the loop alive.
                 log.exception("sync function raised; retrying after min interval")
                 self.retry(self._schedule.min_interval or 1.0)
+                continue
+            if worked is False:
+                with self._cond:
+                    self._schedule.idle()
