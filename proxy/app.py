@@ -37,6 +37,7 @@ from proxy.health import ProxyHealth
 from proxy.kube.client import ENDPOINTSLICES, NODES, SERVICES, RawApi, load_api_config
 from proxy.kube.listwatch import metadata_only
 from proxy.kube.reflector import Reflector
+from proxy.memory import defer_collection
 from proxy.metrics import ProxyMetrics
 from proxy.model import NodeContext, NodeInfo
 from proxy.parse import PROXY_LABEL_SELECTOR
@@ -109,6 +110,7 @@ class Proxy:
 
 def start(settings: Settings) -> Proxy:
     """Build every piece and start the threads; returns once the servers listen."""
+    defer_collection()  # until the first full sync: the initial lists fill the heap
     api = RawApi(load_api_config(settings.kubeconfig, settings.master))
     metrics = ProxyMetrics(backend=settings.proxy_mode)
     health = ProxyHealth(timeout=2 * settings.sync_period, metrics=metrics)

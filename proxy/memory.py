@@ -1,4 +1,15 @@
-"""Handing freed memory back to the system after a burst of allocations.
+"""Keeping a large, long-lived heap cheap: the cyclic GC and freed pages.
+
+At 10k services the proxy holds a few million small objects (parsed Services and
+EndpointSlices, the desired state) that live until their object changes and hold no
+reference cycles. Python's cyclic garbage collector would walk all of them at every
+full collection, hundreds of milliseconds each time, on the latency path of a sync.
+`freeze_long_lived` moves everything alive into the GC's permanent generation before
+a full sync; reference counting still frees those objects when they are replaced,
+only the (pointless) cycle search over them stops. Before that, while the initial
+lists fill the heap, `defer_collection` makes collections rare: measured at 10k
+services, the collector otherwise took about a third of the list phase, each full
+collection walking a heap that grows by a quarter between two of them.
 
 A full sync at 10k services (and the initial list before it) allocates and frees
 tens of MiB of short-lived objects. CPython returns its small-object arenas when they
@@ -16,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 from collections.abc import Callable
 
 
@@ -38,3 +50,24 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+_START_THRESHOLDS = (100_000, 50, 100)
+"""Collections while the heap is being filled: rare, yet not off (a long API outage at
+start must not leak reference cycles for ever)."""
+
+
+_USUAL_THRESHOLDS = gc.get_threshold()
+
+
+def defer_collection() -> None:
+    """Make the cyclic GC rare until `freeze_long_lived` (at start-up)."""
+    gc.set_threshold(*_START_THRESHOLDS)
+
+
+def freeze_long_lived() -> None:
+    """Exempt every object alive now from the cyclic GC's scans (see the module doc),
+    and end `defer_collection`."""
+    gc.freeze()
+    if gc.get_threshold() == _START_THRESHOLDS:
+        gc.set_threshold(*_USUAL_THRESHOLDS)

@@ -14,11 +14,11 @@ zeros in IPv4 octets are decimal ("172.30.0.041" is 172.30.0.41), which Python's
 from __future__ import annotations
 
 import ipaddress
-import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from socket import inet_aton, inet_ntoa
 from typing import Any
 
 from proxy.model import (
@@ -82,17 +82,15 @@ def parse_ip_sloppy(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
         return None
 
 
-_CANONICAL_V4 = re.compile(
-    r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
-    r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-)
-
-
 def normalize_ip(text: str) -> str | None:
     """Canonical form of an IP address, reading IPv4 leading zeros as decimal; None if bad."""
-    if _CANONICAL_V4.fullmatch(text):
-        # Already canonical: the common case, 100k times per list at 10k services.
-        return text
+    try:
+        # Already canonical, the common case (100k times per list at 10k services):
+        # two C calls instead of a regex or `ipaddress`.
+        if inet_ntoa(inet_aton(text)) == text:
+            return text
+    except OSError:
+        pass
     ip = parse_ip_sloppy(text)
     return None if ip is None else str(ip)
 
@@ -110,14 +108,14 @@ def normalize_cidr(text: str) -> str | None:
         return None
 
 
+_PROTOCOLS = {protocol.value: protocol for protocol in Protocol}
+
+
 def parse_protocol(value: object) -> Protocol | None:
     """The protocol named by `value` ("TCP" when absent, as the API defaults it)."""
     if value is None:
         return Protocol.TCP
-    try:
-        return Protocol(str(value))
-    except ValueError:
-        return None
+    return _PROTOCOLS.get(value) if isinstance(value, str) else None
 
 
 def _valid_port(value: object) -> int | None:
@@ -289,18 +287,20 @@ def parse_slice(raw: Mapping[str, Any], problems: Problems = _ignore) -> SliceIn
         # API semantics: nil ready means ready; nil serving means "same as ready".
         ready = conditions.get("ready") is not False
         serving = conditions.get("serving")
-        hints = raw_ep.get("hints") or {}
+        hints = raw_ep.get("hints")
+        # Positional, hint lookups only when there are hints: this runs once per
+        # endpoint of the cluster (100k times in one list at 10k services).
         endpoints.append(
             SliceEndpoint(
-                ip=ip,
-                ready=ready,
-                serving=ready if serving is None else bool(serving),
-                terminating=bool(conditions.get("terminating")),
+                ip,
+                ready,
+                ready if serving is None else bool(serving),
+                bool(conditions.get("terminating")),
                 # A few distinct values repeated 100k times: keep one copy of each.
-                node_name=_interned(raw_ep.get("nodeName")),
-                zone=_interned(raw_ep.get("zone")),
-                zone_hints=_hint_set(hints.get("forZones")),
-                node_hints=_hint_set(hints.get("forNodes")),
+                _interned(raw_ep.get("nodeName")),
+                _interned(raw_ep.get("zone")),
+                _hint_set(hints.get("forZones")) if hints else None,
+                _hint_set(hints.get("forNodes")) if hints else None,
             )
         )
     return SliceInfo(

@@ -47,7 +47,7 @@ from typing import Protocol
 
 from proxy.backends.base import Backend, BackendError
 from proxy.changes import ChangeTracker, Checkout, merge_endpoints
-from proxy.memory import release_free_memory
+from proxy.memory import freeze_long_lived, release_free_memory
 from proxy.model import (
     NodeContext,
     NodeInfo,
@@ -190,9 +190,11 @@ class Proxier:
         )
         if checkout.node is not None:
             self._take_node(checkout.node)
+        full = self._need_full or self._full_due(started)
+        if full:
+            freeze_long_lived()  # what is alive now mostly lives on: stop scanning it
         self._apply(checkout)
 
-        full = self._need_full or self._full_due(started)
         if not full and self._canary_due(started):
             self._last_canary = started
             if self._backend.drifted():

@@ -3,10 +3,11 @@ and handing free memory back."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 from proxy.kernel.commands import SubprocessRunner, joined
-from proxy.memory import release_free_memory
+from proxy.memory import defer_collection, freeze_long_lived, release_free_memory
 
 
 def chunks(count: int, size: int = 65536) -> Iterator[str]:
@@ -54,3 +55,18 @@ def test_joined() -> None:
 
 def test_free_memory_goes_back_to_the_system_here() -> None:
     assert release_free_memory()  # glibc on this machine and in the image
+
+
+def test_collection_is_deferred_at_start_then_the_heap_is_frozen() -> None:
+    usual = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    try:
+        defer_collection()
+        assert gc.get_threshold()[0] > usual[0]
+        keep = [object() for _ in range(10)]  # noqa: F841 (alive across the freeze)
+        freeze_long_lived()
+        assert gc.get_threshold() == usual
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.set_threshold(*usual)
+        gc.unfreeze()
