@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.render [--grid 100x10,1000x10,10000x10] [--repeat 3]
 
 Prints, per grid point, the best-of-N CPU time to render the full restore input and
-to re-assemble a one-port partial input from cached chunks, with the input size. No
+to render a one-port partial input (the port before and after, as the backend does), with
+the full input's size. No
 kernel is touched: this isolates our share of a sync. The kernel's share (the
 `iptables-restore` of the same text) is what the benchmark harness issue measures
 against; this script is the regression guard that replaced a timed unit test.
@@ -14,10 +15,12 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from proxy.backends.iptables import render
 from proxy.model import (
     Endpoint,
+    IPFamily,
     NodeContext,
     Protocol,
     ServiceKey,
@@ -50,11 +53,21 @@ def build_state(services: int, endpoints: int) -> dict[ServicePortName, ServiceP
 
 def render_full(states: dict[ServicePortName, ServicePortState], ctx: render.RenderContext) -> str:
     ports = [render.render_port(n, s, ctx) for n, s in states.items()]
-    return render.render_restore(full=True, ctx=ctx, ports=ports, write=ports)
+    return render.render_full(ctx=ctx, ports=ports)
 
 
-def render_partial(ports: list[render.PortRules], ctx: render.RenderContext) -> str:
-    return render.render_restore(full=False, ctx=ctx, ports=ports, write=ports[:1])
+def render_partial(
+    states: dict[ServicePortName, ServicePortState], ctx: render.RenderContext
+) -> str:
+    """A one-port partial sync: the port rendered before and after, as the backend does."""
+    name, state = next(iter(states.items()))
+    old = render.render_port(name, state, ctx)
+    new = render.render_port(
+        name, replace(state, cluster_endpoints=state.cluster_endpoints[1:]), ctx
+    )
+    top = render.top_level_change([old.top_level], [new.top_level])
+    delete = [chain for chain in old.nat_chains if chain not in new.nat_chains]
+    return render.render_partial(top=top, write=[new], delete_nat=delete)
 
 
 def best_of(repeat: int, fn: Callable[[], object]) -> float:
@@ -79,13 +92,12 @@ def main() -> None:
         states = build_state(services, endpoints)
         text = render_full(states, ctx)
         full_s = best_of(args.repeat, lambda: render_full(states, ctx))  # noqa: B023
-        ports = [render.render_port(n, s, ctx) for n, s in states.items()]
-        partial_s = best_of(args.repeat, lambda: render_partial(ports, ctx))  # noqa: B023
+        partial_s = best_of(args.repeat, lambda: render_partial(states, ctx))  # noqa: B023
         print(f"{point:>10} {full_s:>14.3f} {partial_s:>10.4f} {len(text) / 1e6:>9.1f}")
 
 
-def node_family() -> render.IPFamily:
-    return render.IPFamily.V4
+def node_family() -> IPFamily:
+    return IPFamily.V4
 
 
 if __name__ == "__main__":

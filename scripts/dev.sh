@@ -47,8 +47,8 @@ run_tests() {
   log "ruff"
   "$VENV/bin/ruff" check proxy lab tests benchmarks
   "$VENV/bin/ruff" format --check proxy lab tests benchmarks
-  log "mypy --strict proxy/ lab/"
-  "$VENV/bin/mypy" proxy lab
+  log "mypy --strict proxy/ lab/ benchmarks/"
+  "$VENV/bin/mypy" proxy lab benchmarks
   log "import-linter: the layers declared in pyproject.toml"
   "$VENV/bin/lint-imports"
   log "pytest: unit, kernel and end-to-end suites (kernel tests must not be skipped)"
