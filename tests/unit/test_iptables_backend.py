@@ -19,6 +19,7 @@ from proxy.backends.base import BackendConfig, BackendError, available, create
 from proxy.backends.iptables import backend as backend_module
 from proxy.backends.iptables import render
 from proxy.backends.iptables.backend import IptablesBackend, offending_lines
+from proxy.kernel.commands import CommandResult, Input
 from proxy.kernel.iptables import Variant, failed_line
 from proxy.model import (
     Endpoint,
@@ -759,3 +760,30 @@ def test_large_cluster_mode_drops_endpoint_comments_above_the_threshold(fake: Ip
     svc = f"KPY-SVC-{render.port_hash(grown[2].name)}"
     assert not any("->" in rule for rule in fake.rules("nat", svc))
     assert send(fake, POD, "198.19.1.2", 80).endpoints == {"198.18.64.3:8080", "198.18.65.3:8080"}
+
+
+def test_a_streamed_restore_is_produced_again_for_a_retry_after_a_busy_lock() -> None:
+    """A streamed input is a generator: the retry must get the whole input again."""
+    fake = IptablesFake()
+    proxy = backend(fake, "legacy")
+    state = proxy_state(port_state(name_of(), endpoints=("198.18.64.7", "198.18.64.8")))
+    real_run = fake.run
+    busy = [1]
+
+    def run(argv: Sequence[str], *, stdin: Input | None = None) -> CommandResult:
+        if argv[0].endswith("-restore") and busy[0]:
+            busy[0] -= 1
+            fake.hold_lock(1)  # this restore finds the lock held, after reading its input
+        return real_run(argv, stdin=stdin)
+
+    fake.run = run  # type: ignore[method-assign]
+    proxy.sync(state, FULL)
+    assert busy == [0]
+    assert [call[0] for call in fake.calls].count("iptables-legacy-restore") == 2
+    retried = fake.restore_inputs[-1]
+    assert retried.startswith("*nat\n") and retried.endswith("COMMIT\n")
+    assert "DNAT --to-destination 198.18.64.8:8080" in retried
+    assert send(fake, POD, "198.19.0.10", 80, variant="legacy").endpoints == {
+        "198.18.64.7:8080",
+        "198.18.64.8:8080",
+    }
