@@ -118,9 +118,8 @@ def start(settings: Settings) -> Proxy:
     def queued() -> None:
         health.queued_update()
         metrics.set_last_queued_timestamp(time.time())
-        # As upstream: no sync is asked for before both lists are in. A run that could
-        # only return early would start the min-sync-period clock and delay the first
-        # real sync by up to --iptables-min-sync-period.
+        # As upstream: no sync is asked for before both lists are in; otherwise every
+        # object of the initial lists would wake the sync thread for nothing.
         if proxier.ready:
             runner.request()
 

@@ -188,11 +188,6 @@ class ChangeTracker:
             self._node_changed = False
             return result
 
-    def all_keys(self) -> set[ServiceKey]:
-        """Every service with a Service object or slices."""
-        with self._lock:
-            return set(self._services) | set(self._slices)
-
 
 def merge_endpoints(
     port: ServicePort, slices: Iterable[SliceInfo], node_name: str

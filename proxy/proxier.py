@@ -213,7 +213,6 @@ class Proxier:
             node_changed=node_changed,
         )
         state = ProxyState(node=self._node, services=MappingProxyType(self._desired))
-        self._need_full = True  # cleared by the success below, whatever happens inside
         try:
             self._backend.sync(state, hint)
         except BackendError as err:

@@ -283,14 +283,6 @@ class Reflector:
         relist.finish(page.resource_version)
         return True
 
-    def _replace(self, items: list[RawObject], version: str) -> None:
-        """Replace the store with `items` (one whole list) and report the differences."""
-        with self._lock:
-            previous = dict(self._store)
-        relist = _Relist(self, previous)
-        relist.page(items)
-        relist.finish(version)
-
     def _watch_once(self) -> bool:
         """One watch until it ends; returns whether a relist is needed."""
         low, high = self.watch_timeout_range

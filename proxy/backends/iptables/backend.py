@@ -57,7 +57,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 
 from proxy.backends.base import Backend, BackendConfig, BackendError, register
@@ -256,18 +256,15 @@ class IptablesBackend:
         """iptables-nft: the static chains, then the port chains in batches (see the
         module docstring); returns the stale nat chains, for the last input to delete."""
         stale = set(existing_nat) - set(render.static_nat_chains(ctx))
+
+        def collected() -> Iterator[render.PortRules]:
+            for rules in ports:
+                shared.add(rules)
+                stale.difference_update(rules.nat_chains)
+                yield rules
+
         self._restore(ipt, render.render_static(ctx))
-        batch: list[render.PortRules] = []
-        size = 0
-        for rules in ports:
-            shared.add(rules)
-            stale.difference_update(rules.nat_chains)
-            batch.append(rules)
-            size += len(rules.nat_chains)
-            if size >= NFT_BATCH_CHAINS:
-                self._restore(ipt, render.render_port_chains(batch))
-                batch, size = [], 0
-        if batch:
+        for batch in _batches(collected(), NFT_BATCH_CHAINS):
             self._restore(ipt, render.render_port_chains(batch))
         return sorted(stale)
 
@@ -437,7 +434,7 @@ class IptablesBackend:
         return removed
 
 
-def _batches(ports: Sequence[render.PortRules], chains: int) -> Iterator[list[render.PortRules]]:
+def _batches(ports: Iterable[render.PortRules], chains: int) -> Iterator[list[render.PortRules]]:
     """Consecutive groups of ports holding about `chains` chains each (a port is never split)."""
     batch: list[render.PortRules] = []
     size = 0

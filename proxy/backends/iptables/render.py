@@ -1,10 +1,12 @@
 """Pure rendering of the iptables ruleset: ServicePortState -> iptables-restore text.
 
 Nothing here runs a tool or keeps state between calls: `render_port` turns one
-service port into a `PortRules` chunk (a few pre-joined strings), and
-`render_restore` stitches chunks into one `iptables-restore --noflush` input. The
-backend (`proxy.backends.iptables`) memoises chunks per port, so a partial sync
-renders only the ports that changed and re-joins the rest.
+service port into a `PortRules` chunk (a few pre-joined strings). A full sync is
+`stream_full` (one input, chunk by chunk, every chain declared first) or, in batches,
+`render_static` + `render_port_chains` + `render_shared`; a partial sync is
+`render_partial`, with `top_level_change` editing the shared chains rule by rule. The
+backend (`proxy.backends.iptables.backend`) decides which to write and keeps no
+rendered text between syncs.
 
 Layout (our own `KPY-` prefix; kube-proxy's `KUBE-*` and everybody else's chains are
 never touched)::
@@ -30,8 +32,7 @@ truncated to 16 characters. Rules are written in the order and spelling
 `iptables-save` prints them, so `-C` checks and saved output read the same.
 
 Speed: rendering is string formatting only (10k services x 10 endpoints is measured
-in tests/unit/test_iptables_render.py); every chunk is built as a list of lines and
-joined once.
+by benchmarks/render.py); every chunk is built as a list of lines and joined once.
 """
 
 from __future__ import annotations
@@ -765,15 +766,11 @@ def render_static(ctx: RenderContext) -> str:
     )
 
 
-def render_port_chains(ports: Iterable[PortRules], delete: Sequence[str] = ()) -> str:
-    """A nat section (re)writing the chains of `ports`: each port's chains commit together.
-
-    `delete` chains are flushed and deleted at the end of the same section.
-    """
+def render_port_chains(ports: Iterable[PortRules]) -> str:
+    """A nat section (re)writing the chains of `ports`: each port's chains commit together."""
     written = list(ports)
     declare = [chain for rules in written for chain in rules.nat_chains]
-    body = [rules.nat_rules for rules in written]
-    return _section("nat", [*declare, *delete], [*body, *_deletions(delete)])
+    return _section("nat", declare, [rules.nat_rules for rules in written])
 
 
 @dataclass(frozen=True, slots=True)
