@@ -37,7 +37,14 @@ from typing import Any
 from lab.apiserver import ApiServer, write_kubeconfig
 from lab.echo import EchoServer, start_echo
 from lab.innetns import run_in_netns
-from lab.netns import CLUSTER_CIDR, SERVICE_CIDR, Topology, cleanup_stale
+from lab.netns import (
+    CLUSTER_CIDR,
+    CLUSTER_CIDR6,
+    SERVICE_CIDR,
+    SERVICE_CIDR6,
+    Topology,
+    cleanup_stale,
+)
 from lab.slicewriter import LabPod, SliceWriter
 
 NODE_NAME = "lab-node"
@@ -75,7 +82,10 @@ class LabCluster:
         cleanup_stale()
         topology = Topology.create()
         try:
-            api = ApiServer(service_cidr=SERVICE_CIDR, bookmark_interval=bookmark_interval)
+            # Dual-stack, IPv4 first: a Service is IPv4-only unless it asks for both.
+            api = ApiServer(
+                service_cidr=f"{SERVICE_CIDR},{SERVICE_CIDR6}", bookmark_interval=bookmark_interval
+            )
             url = run_in_netns(topology.node_ns, lambda: api.start(host="127.0.0.1", port=0))
             workdir = Path(tempfile.mkdtemp(prefix=f"{topology.prefix}lab-"))
             write_kubeconfig(workdir / "kubeconfig", url)
@@ -89,7 +99,12 @@ class LabCluster:
                 "apiVersion": "v1",
                 "kind": "Node",
                 "metadata": {"name": NODE_NAME, "labels": {"kubernetes.io/hostname": NODE_NAME}},
-                "status": {"addresses": [{"type": "InternalIP", "address": topology.node_ip}]},
+                "status": {
+                    "addresses": [
+                        {"type": "InternalIP", "address": topology.node_ip},
+                        {"type": "InternalIP", "address": topology.node_ip6},
+                    ]
+                },
             },
         )
         return lab
@@ -132,6 +147,7 @@ class LabCluster:
             name=name,
             namespace=NAMESPACE,
             ip=pod_net.ip,
+            ip6=pod_net.ip6,
             node_name=NODE_NAME,
             labels=dict(labels),
             ready=ready,
@@ -156,15 +172,25 @@ class LabCluster:
         ports: Sequence[Mapping[str, Any]],
         *,
         service_type: str = "ClusterIP",
+        dual_stack: bool = False,
     ) -> dict[str, Any]:
-        """Create a Service through the API (it allocates the ClusterIP and NodePorts)."""
+        """Create a Service through the API (it allocates the ClusterIPs and NodePorts);
+        `dual_stack` asks for an IPv4 and an IPv6 ClusterIP (RequireDualStack)."""
+        spec: dict[str, Any] = {
+            "type": service_type,
+            "selector": dict(selector),
+            "ports": list(ports),
+        }
+        if dual_stack:
+            spec["ipFamilyPolicy"] = "RequireDualStack"
+            spec["ipFamilies"] = ["IPv4", "IPv6"]
         return self.api.create(
             "services",
             {
                 "apiVersion": "v1",
                 "kind": "Service",
                 "metadata": {"name": name, "namespace": NAMESPACE},
-                "spec": {"type": service_type, "selector": dict(selector), "ports": list(ports)},
+                "spec": spec,
             },
             namespace=NAMESPACE,
         )
@@ -191,7 +217,7 @@ class LabCluster:
             f"--kubeconfig={self.workdir / 'kubeconfig'}",
             f"--hostname-override={NODE_NAME}",
             "--proxy-mode=iptables",
-            f"--cluster-cidr={CLUSTER_CIDR}",
+            f"--cluster-cidr={CLUSTER_CIDR},{CLUSTER_CIDR6}",
             f"--metrics-bind-address=127.0.0.1:{METRICS_PORT}",
             f"--healthz-bind-address=127.0.0.1:{HEALTHZ_PORT}",
             *extra_args,

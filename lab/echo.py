@@ -12,7 +12,7 @@ Design: one thread, one `selectors` loop over every listening socket. A TCP conn
 is accepted, answered and closed at once (the line is far smaller than a socket buffer,
 so the write cannot block for long); a UDP datagram is answered from the address it was
 sent to (``IP_PKTINFO``), so a namespace with several addresses still replies from the
-one the client expects. The server binds 0.0.0.0, so it answers on every address of its
+one the client expects. The server binds 0.0.0.0 and [::], so it answers on every address of its
 namespace.
 
 `start_echo` launches the server in a namespace (``ip netns exec``) as a background
@@ -43,6 +43,8 @@ IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 """Linux's value; Python 3.11 does not export the constant."""
 _PKTINFO = struct.Struct("=i4s4s")
 """struct in_pktinfo: ifindex, spec_dst (local address), addr (header destination)."""
+_PKTINFO6 = struct.Struct("=16sI")
+"""struct in6_pktinfo: the header destination address, then the interface index."""
 _MAX_DATAGRAM = 65535
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,20 +66,18 @@ def serve(pod: str, tcp_ports: Sequence[int], udp_ports: Sequence[int]) -> None:
     selector = selectors.DefaultSelector()
     sockets: list[socket.socket] = []
     for port in tcp_ports:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("0.0.0.0", port))
-        listener.listen(128)
-        listener.setblocking(False)
-        selector.register(listener, selectors.EVENT_READ, ("tcp", port))
-        sockets.append(listener)
+        for listener in _listeners(socket.SOCK_STREAM, port):
+            listener.listen(128)
+            selector.register(listener, selectors.EVENT_READ, ("tcp", port))
+            sockets.append(listener)
     for port in udp_ports:
-        datagram = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        datagram.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        datagram.bind(("0.0.0.0", port))
-        datagram.setblocking(False)
-        selector.register(datagram, selectors.EVENT_READ, ("udp", port))
-        sockets.append(datagram)
+        for datagram in _listeners(socket.SOCK_DGRAM, port):
+            if datagram.family is socket.AF_INET6:
+                datagram.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                datagram.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            selector.register(datagram, selectors.EVENT_READ, ("udp", port))
+            sockets.append(datagram)
     try:
         while True:
             for key, _ in selector.select():
@@ -94,6 +94,28 @@ def serve(pod: str, tcp_ports: Sequence[int], udp_ports: Sequence[int]) -> None:
         selector.close()
 
 
+def _listeners(kind: socket.SocketKind, port: int) -> list[socket.socket]:
+    """One IPv4 socket on 0.0.0.0 and, where the namespace has IPv6, one IPv6-only on ::."""
+    made = []
+    for family, wildcard in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        if family is socket.AF_INET6 and not socket.has_ipv6:
+            continue
+        sock = socket.socket(family, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family is socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((wildcard, port))
+        except OSError:
+            sock.close()
+            if family is socket.AF_INET6:
+                continue  # IPv6 disabled in this namespace: serve IPv4 only
+            raise
+        sock.setblocking(False)
+        made.append(sock)
+    return made
+
+
 def _answer_tcp(listener: socket.socket, pod: str, port: int) -> None:
     try:
         conn, peer = listener.accept()
@@ -108,15 +130,20 @@ def _answer_tcp(listener: socket.socket, pod: str, port: int) -> None:
 
 def _answer_udp(sock: socket.socket, pod: str, port: int) -> None:
     try:
-        _, ancdata, _, peer = sock.recvmsg(_MAX_DATAGRAM, socket.CMSG_SPACE(_PKTINFO.size))
+        _, ancdata, _, peer = sock.recvmsg(_MAX_DATAGRAM, socket.CMSG_SPACE(_PKTINFO6.size))
     except BlockingIOError:
         return
     control = []
     for level, kind, data in ancdata:
+        # Reply from the address the datagram was sent to, on whatever interface.
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
             _, _, header_dst = _PKTINFO.unpack(data[: _PKTINFO.size])
-            # Reply from the address the datagram was sent to, on whatever interface.
             control.append((socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, header_dst, bytes(4))))
+        elif level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
+            header_dst6, _ = _PKTINFO6.unpack(data[: _PKTINFO6.size])
+            control.append(
+                (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _PKTINFO6.pack(header_dst6, 0))
+            )
     # No route back, say: the client sees a timeout, which is the truth.
     with contextlib.suppress(OSError):
         sock.sendmsg([reply_line(pod, peer, "udp", port)], control, 0, peer)

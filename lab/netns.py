@@ -14,6 +14,14 @@ pod ``eth0``           198.18.64.10+/32    first free host number from 10 upward
 service CIDR           198.19.0.0/16       the client routes it via the node
 =====================  ==================  ==============================================
 
+Every namespace is dual-stack. The IPv6 plan mirrors the IPv4 one inside 2001:2::/48,
+the IPv6 benchmarking range (RFC 5180), so nothing can collide with a real network
+either: uplink 2001:2::/64 (node ``2001:2::2``, client ``2001:2::100``), cluster CIDR
+2001:2:0:40::/60 with this node's pods in 2001:2:0:40::/64 (gateway ``2001:2:0:40::1``
+on every host-side veth, pod ``N`` at ``2001:2:0:40::<N in hex>``), service CIDR
+2001:2:0:ff::/112. Duplicate address detection is off in every namespace, so an
+address is usable the moment it is added.
+
 ::
 
     client ns                node ns                          pod ns (one per pod)
@@ -26,10 +34,10 @@ Pods are routed, not bridged: every packet a pod sends, even to a pod next door,
 the node's IP stack, so it meets the node's netfilter hooks and conntrack exactly as on a
 Calico node. The node forwards (``ip_forward=1``) with reverse-path filtering off; the
 pod-side and client-side namespaces keep their defaults. The node does not rate-limit
-the ICMP errors it sends (``icmp_ratelimit=0``), so a test may probe a REJECT rule many
-times in a row. ``route_localnet`` is left alone everywhere. The client routes only the
-service CIDR to the node, not the cluster CIDR: pod IPs are unreachable from outside,
-and whatever reaches a pod from the client went through a Service rule.
+the ICMP errors it sends (``icmp_ratelimit=0``, IPv6 likewise), so a test may probe a
+REJECT rule many times in a row. ``route_localnet`` is left alone everywhere. The client
+routes only the service CIDR to the node, not the cluster CIDR: pod IPs are unreachable
+from outside, and whatever reaches a pod from the client went through a Service rule.
 
 Names: every namespace is ``<prefix>node``, ``<prefix>client`` or ``<prefix>pod-<name>``
 with a unique prefix ``kpy-<6 hex>-``. Veth pairs are created inside the node namespace
@@ -69,6 +77,13 @@ CLUSTER_CIDR = "198.18.64.0/18"
 NODE_POD_CIDR = "198.18.64.0/24"
 POD_GATEWAY_IP = "198.18.64.1"
 SERVICE_CIDR = "198.19.0.0/16"
+NODE_IP6 = "2001:2::2"
+CLIENT_IP6 = "2001:2::100"
+UPLINK_PREFIX_LEN6 = 64
+CLUSTER_CIDR6 = "2001:2:0:40::/60"
+NODE_POD_CIDR6 = "2001:2:0:40::/64"
+POD_GATEWAY_IP6 = "2001:2:0:40::1"
+SERVICE_CIDR6 = "2001:2:0:ff::/112"
 FIRST_POD_HOST = 10
 """Pods get 198.18.64.10, .11, ...: the lowest free host number from here."""
 LAST_POD_HOST = 254
@@ -91,6 +106,8 @@ class Pod:
     netns: str
     ip: str
     host_veth: str
+    ip6: str = ""
+    """The pod's IPv6 address."""
 
 
 _TOOLS = SubprocessRunner(timeout=30.0)
@@ -223,6 +240,9 @@ class Topology:
         self.node_ip = NODE_IP
         self.client_ip = CLIENT_IP
         self.pod_gateway_ip = POD_GATEWAY_IP
+        self.node_ip6 = NODE_IP6
+        self.client_ip6 = CLIENT_IP6
+        self.pod_gateway_ip6 = POD_GATEWAY_IP6
         self.pods: dict[str, Pod] = {}
         self.owner_file = OWNER_DIR / f"{prefix}owner"
         self._destroyed = False
@@ -260,7 +280,7 @@ class Topology:
     @property
     def node_addresses(self) -> frozenset[str]:
         """Addresses a masqueraded packet can carry as source when the node sends it."""
-        return frozenset({self.node_ip, self.pod_gateway_ip})
+        return frozenset({self.node_ip, self.pod_gateway_ip, self.node_ip6, self.pod_gateway_ip6})
 
     def _record_owner(self) -> None:
         OWNER_DIR.mkdir(parents=True, exist_ok=True)
@@ -270,6 +290,10 @@ class Topology:
     def _add_namespace(self, netns: str) -> None:
         _check(["ip", "netns", "add", netns])
         _ip_batch(netns, ["link set lo up"])
+        # Before any interface exists, so `default` covers every one made later.
+        _sysctl(
+            netns, {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
+        )
 
     def _build_node_and_client(self) -> None:
         self._add_namespace(self.node_ns)
@@ -284,6 +308,8 @@ class Topology:
                 # REJECT answers with ICMP; the default rate limit (per peer, burst 6)
                 # would turn a quick series of "refused" into timeouts.
                 "net.ipv4.icmp_ratelimit": "0",
+                "net.ipv6.conf.all.forwarding": "1",
+                "net.ipv6.icmp.ratelimit": "0",
             },
         )
         self._add_namespace(self.client_ns)
@@ -292,16 +318,20 @@ class Topology:
             [
                 f"link add eth0 type veth peer name eth0 netns {self.client_ns}",
                 f"addr add {self.node_ip}/{UPLINK_PREFIX_LEN} dev eth0",
+                f"addr add {self.node_ip6}/{UPLINK_PREFIX_LEN6} dev eth0 nodad",
                 "link set eth0 up",
                 f"route add default via {self.client_ip} dev eth0",
+                f"route add ::/0 via {self.client_ip6} dev eth0",
             ],
         )
         _ip_batch(
             self.client_ns,
             [
                 f"addr add {self.client_ip}/{UPLINK_PREFIX_LEN} dev eth0",
+                f"addr add {self.client_ip6}/{UPLINK_PREFIX_LEN6} dev eth0 nodad",
                 "link set eth0 up",
                 f"route add {SERVICE_CIDR} via {self.node_ip} dev eth0",
+                f"route add {SERVICE_CIDR6} via {self.node_ip6} dev eth0",
             ],
         )
 
@@ -321,7 +351,10 @@ class Topology:
         if name in self.pods:
             raise ValueError(f"pod {name!r} already exists")
         ip, host = self._free_pod_ip()
-        pod = Pod(name=name, netns=f"{self.prefix}pod-{name}", ip=ip, host_veth=f"kpv{host}")
+        ip6 = str(ipaddress.IPv6Network(NODE_POD_CIDR6).network_address + host)
+        pod = Pod(
+            name=name, netns=f"{self.prefix}pod-{name}", ip=ip, host_veth=f"kpv{host}", ip6=ip6
+        )
         self._add_namespace(pod.netns)
         self.pods[name] = pod
         _ip_batch(
@@ -329,17 +362,22 @@ class Topology:
             [
                 f"link add {pod.host_veth} type veth peer name eth0 netns {pod.netns}",
                 f"addr add {self.pod_gateway_ip}/32 dev {pod.host_veth}",
+                f"addr add {self.pod_gateway_ip6}/128 dev {pod.host_veth} nodad",
                 f"link set {pod.host_veth} up",
                 f"route add {pod.ip}/32 dev {pod.host_veth} scope link",
+                f"route add {pod.ip6}/128 dev {pod.host_veth}",
             ],
         )
         _ip_batch(
             pod.netns,
             [
                 f"addr add {pod.ip}/32 dev eth0",
+                f"addr add {pod.ip6}/128 dev eth0 nodad",
                 "link set eth0 up",
                 f"route add {self.pod_gateway_ip} dev eth0 scope link",
                 f"route add default via {self.pod_gateway_ip} dev eth0",
+                f"route add {self.pod_gateway_ip6}/128 dev eth0",
+                f"route add ::/0 via {self.pod_gateway_ip6} dev eth0",
             ],
         )
         return pod

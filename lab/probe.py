@@ -95,13 +95,19 @@ class NamespaceError(OSError):
     """Entering a network namespace failed (missing namespace, or not root)."""
 
 
-def socket_in(netns: str | None, kind: socket.SocketKind) -> socket.socket:
-    """A new IPv4 socket of `kind` living in the named namespace (None: the caller's)."""
+def socket_in(
+    netns: str | None, kind: socket.SocketKind, family: socket.AddressFamily = socket.AF_INET
+) -> socket.socket:
+    """A new socket of `family` and `kind` living in the named namespace (None: the caller's)."""
     if netns is None:
-        return socket.socket(socket.AF_INET, kind)
+        return socket.socket(family, kind)
     if not os.path.exists(os.path.join(NETNS_RUN_DIR, netns)):
         raise NamespaceError(errno.ENOENT, f"network namespace {netns!r}: no such namespace")
-    return run_in_netns(netns, lambda: socket.socket(socket.AF_INET, kind))
+    return run_in_netns(netns, lambda: socket.socket(family, kind))
+
+
+def _family_of(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
 def _next_udp_source_port() -> int:
@@ -123,7 +129,7 @@ def probe_tcp(
     netns: str | None, dst: str, port: int, *, timeout: float = DEFAULT_TIMEOUT
 ) -> ProbeResult:
     """Connect to `dst:port` from `netns`, read the echo line, and parse it."""
-    with socket_in(netns, socket.SOCK_STREAM) as sock:
+    with socket_in(netns, socket.SOCK_STREAM, _family_of(dst)) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect((dst, port))
@@ -152,9 +158,10 @@ def probe_udp(
 ) -> ProbeResult:
     """Send one datagram to `dst:port` from `netns` (fresh source port) and parse the reply."""
     for _ in range(16):
-        sock = socket_in(netns, socket.SOCK_DGRAM)
+        family = _family_of(dst)
+        sock = socket_in(netns, socket.SOCK_DGRAM, family)
         try:
-            sock.bind(("0.0.0.0", _next_udp_source_port()))
+            sock.bind(("::" if family is socket.AF_INET6 else "0.0.0.0", _next_udp_source_port()))
         except OSError as err:
             sock.close()
             if err.errno == errno.EADDRINUSE:

@@ -93,6 +93,15 @@ class LabPod:
     terminating: bool
     container_ports: Mapping[str, tuple[int, str]]
     """Named container ports: name -> (port, protocol)."""
+    ip6: str = ""
+    """The pod's IPv6 address on a dual-stack lab ("" when it has none)."""
+
+    def ip_of(self, address_type: str) -> str | None:
+        """The pod's address of one slice address type, if it has one."""
+        for ip in (self.ip, self.ip6):
+            if ip and _family_of(ip) == address_type:
+                return ip
+        return None
 
     @property
     def uid(self) -> str:
@@ -287,8 +296,11 @@ class SliceWriter:
 
     def _reconcile(self, service: Obj, existing: ObjList, trigger: float) -> None:
         namespace = service["metadata"]["namespace"]
-        address_type, groups = self._desired(service)
-        wanted = {_port_key(address_type, g.ports): g for g in groups}
+        wanted = {
+            _port_key(address_type, g.ports): (address_type, g)
+            for address_type, groups in self._desired(service)
+            for g in groups
+        }
         have: dict[tuple[str, PortKey], Obj] = {}
         leftovers: ObjList = []
         for slice_ in existing:
@@ -298,11 +310,13 @@ class SliceWriter:
             else:
                 leftovers.append(slice_)
         stamp = rfc3339_nano(trigger)
-        for key, group in wanted.items():
+        for key, (address_type, group) in wanted.items():
             body = self._slice_body(service, address_type, group, stamp)
             current = have.get(key)
-            if current is None and leftovers and leftovers[0].get("addressType") == address_type:
-                current = leftovers.pop(0)  # reuse a slice whose ports changed: stable name
+            reusable = [s for s in leftovers if s.get("addressType") == address_type]
+            if current is None and reusable:
+                current = reusable[0]  # reuse a slice whose ports changed: stable name
+                leftovers.remove(current)
             if current is None:
                 self._store.create("endpointslices", body, namespace=namespace)
             elif self._differs(current, body):
@@ -337,11 +351,21 @@ class SliceWriter:
             if err.code != 404:
                 raise
 
-    def _desired(self, service: Obj) -> tuple[str, list[_Group]]:
+    def _desired(self, service: Obj) -> list[tuple[str, list[_Group]]]:
+        """The slices a Service needs, per address type: one per family it has, as the
+        EndpointSlice controller writes them (a placeholder only for the primary one)."""
+        families = (service["spec"].get("ipFamilies") or ["IPv4"])[:2]
+        desired = []
+        for index, family in enumerate(families):
+            address_type = "IPv6" if family == "IPv6" else "IPv4"
+            groups = self._desired_of(service, address_type)
+            if groups or index == 0:
+                desired.append((address_type, groups or [_Group([], [])]))  # placeholder
+        return desired
+
+    def _desired_of(self, service: Obj, address_type: str) -> list[_Group]:
         meta, spec = service["metadata"], service["spec"]
         namespace = meta["namespace"]
-        families = spec.get("ipFamilies") or ["IPv4"]
-        address_type = "IPv6" if families[0] == "IPv6" else "IPv4"
         selector = LabelSelector.from_map(spec.get("selector") or {})
         publish_not_ready = bool(spec.get("publishNotReadyAddresses"))
         zones: dict[str, str | None] = {}
@@ -349,7 +373,8 @@ class SliceWriter:
         for (pod_ns, _), pod in sorted(self._pods.items()):
             if pod_ns != namespace or not selector.matches(pod.labels):
                 continue
-            if _family_of(pod.ip) != address_type:
+            ip = pod.ip_of(address_type)
+            if ip is None:
                 continue
             ports = []
             for service_port in spec.get("ports") or []:
@@ -365,15 +390,15 @@ class SliceWriter:
                     port["appProtocol"] = service_port["appProtocol"]
                 ports.append(port)
             group = groups.setdefault(_port_key(address_type, ports)[1], _Group(ports, []))
-            group.endpoints.append(self._endpoint(pod, publish_not_ready, zones))
-        if not groups:
-            return address_type, [_Group([], [])]  # the placeholder slice
-        return address_type, list(groups.values())
+            group.endpoints.append(self._endpoint(pod, ip, publish_not_ready, zones))
+        return list(groups.values())
 
-    def _endpoint(self, pod: LabPod, publish_not_ready: bool, zones: dict[str, str | None]) -> Obj:
+    def _endpoint(
+        self, pod: LabPod, ip: str, publish_not_ready: bool, zones: dict[str, str | None]
+    ) -> Obj:
         serving = pod.ready
         endpoint: Obj = {
-            "addresses": [pod.ip],
+            "addresses": [ip],
             "conditions": {
                 "ready": publish_not_ready or (serving and not pod.terminating),
                 "serving": serving,

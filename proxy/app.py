@@ -4,7 +4,9 @@ Threads (all daemons, started here, stopped by `Proxy.stop`):
 
 - one reflector per watched resource (Services, EndpointSlices, this Node), each
   listing then watching and calling its handler on its own thread;
-- the sync runner, the only thread that calls the backend;
+- the sync runner, the only thread that calls the backends (one per IP family the
+  node serves: IPv4 and, where the kernel and the tools have it, IPv6, as upstream
+  runs dual-stack wherever both families work);
 - the metrics and health HTTP servers.
 
 The main thread only waits for SIGTERM/SIGINT. Stopping stops the threads and leaves
@@ -15,6 +17,7 @@ restart or upgrade keeps traffic flowing).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -26,6 +29,7 @@ from proxy.backends.base import (
     Backend,
     BackendConfig,
     BackendMetrics,
+    FamilyProbe,
     UnknownBackendError,
     create,
     known,
@@ -39,7 +43,7 @@ from proxy.kube.listwatch import metadata_only
 from proxy.kube.reflector import Reflector
 from proxy.memory import defer_collection
 from proxy.metrics import ProxyMetrics
-from proxy.model import NodeContext, NodeInfo
+from proxy.model import IPFamily, NodeContext, NodeInfo
 from proxy.parse import PROXY_LABEL_SELECTOR
 from proxy.proxier import Proxier
 from proxy.runner import BoundedFrequencyRunner
@@ -50,11 +54,13 @@ log = logging.getLogger("proxy")
 def backend_config(
     settings: Settings,
     *,
+    family: IPFamily = IPFamily.V4,
     metrics: BackendMetrics | None = None,
     request_sync: Callable[[float], None] | None = None,
 ) -> BackendConfig:
     """What a backend needs of the settings, plus where it reports and asks for syncs."""
     config = BackendConfig(
+        family=family,
         masquerade_bit=settings.masquerade_bit,
         sync_period=settings.sync_period,
         ipvs=settings.ipvs,
@@ -70,13 +76,16 @@ def cleanup(settings: Settings) -> int:
     """`--cleanup`: remove everything every backend owns; exit 0 also when nothing was there."""
     removed = False
     for name in known():
-        try:
-            backend = create(name, backend_config(settings))
-        except UnknownBackendError as err:
-            # One backend that cannot load must not keep the others' rules in place.
-            log.warning("cleanup skips %s: %s", name, err)
-            continue
-        removed = backend.cleanup() or removed
+        for family in IPFamily:
+            try:
+                backend = create(name, backend_config(settings, family=family))
+            except UnknownBackendError as err:
+                # One backend that cannot load must not keep the others' rules in place.
+                log.warning("cleanup skips %s: %s", name, err)
+                break
+            if isinstance(backend, FamilyProbe) and backend.unusable_reason() is not None:
+                continue  # nothing of ours can be in a family the node cannot serve
+            removed = backend.cleanup() or removed
     log.info("cleanup done: %s", "rules removed" if removed else "nothing to remove")
     return 0
 
@@ -132,10 +141,14 @@ def start(settings: Settings) -> Proxy:
         min_interval=settings.min_sync_period,
         max_interval=settings.sync_period,
     )
-    backend = create(
+    backends = family_backends(
         settings.proxy_mode,
-        backend_config(settings, metrics=metrics, request_sync=runner.retry),
+        lambda family, sink: backend_config(
+            settings, family=family, metrics=sink, request_sync=runner.retry
+        ),
+        metrics,
     )
+    backend = backends[0][1]
     node = NodeContext(
         node_name=settings.node_name,
         node_ips=(),
@@ -144,7 +157,7 @@ def start(settings: Settings) -> Proxy:
         nodeport_addresses=settings.nodeport_addresses,
     )
     proxier = Proxier(
-        backend=backend,
+        backends=[b for _, b in backends],
         tracker=tracker,
         node=node,
         metrics=metrics,
@@ -209,12 +222,65 @@ def start(settings: Settings) -> Proxy:
         thread.start()
         proxy.threads.append(thread)
     log.info(
-        "proxy started: node %s, mode %s, backend %s",
+        "proxy started: node %s, mode %s, backend %s, families %s",
         settings.node_name,
         settings.proxy_mode,
         backend.name,
+        "+".join(f"IPv{family.value}" for family, _ in backends),
     )
     return proxy
+
+
+class _SecondaryFamilyMetrics:
+    """The metrics sink of a secondary family's backend.
+
+    Rule counts are per table without a family label, so only the primary family sets
+    them (as the gauge read on a single-stack node); phase timings are shared.
+    """
+
+    def __init__(self, sink: BackendMetrics) -> None:
+        self._sink = sink
+
+    def set_iptables_rules(self, table: str, count: int) -> None:
+        pass
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        self._sink.observe_phase(phase, seconds)
+
+
+def family_backends(
+    mode: str,
+    config_for: Callable[[IPFamily, BackendMetrics], BackendConfig],
+    metrics: BackendMetrics,
+) -> list[tuple[IPFamily, Backend]]:
+    """One backend per IP family this node can serve in `mode`, IPv4 first.
+
+    As upstream: dual-stack wherever both families work, single-stack otherwise with
+    a line saying why. IPv6 needs the kernel's IPv6 (`/proc/net/if_inet6`) and the
+    backend's own tools (`FamilyProbe`).
+    """
+    backends: list[tuple[IPFamily, Backend]] = []
+    for family in IPFamily:
+        sink = metrics if not backends else _SecondaryFamilyMetrics(metrics)
+        backend = create(mode, config_for(family, sink))
+        reason = _family_unusable(family, backend)
+        if reason is None:
+            backends.append((family, backend))
+        elif family is IPFamily.V4:
+            log.warning("IPv4 cannot be served here (%s); trying IPv6 only", reason)
+        else:
+            log.info("single-stack IPv4: IPv6 cannot be served here (%s)", reason)
+    if not backends:
+        raise UnknownBackendError(f"proxy mode {mode!r}: neither IPv4 nor IPv6 works here")
+    return backends
+
+
+def _family_unusable(family: IPFamily, backend: Backend) -> str | None:
+    if family is IPFamily.V6 and not os.path.exists("/proc/net/if_inet6"):
+        return "the kernel has no IPv6"
+    if isinstance(backend, FamilyProbe):
+        return backend.unusable_reason()
+    return None
 
 
 def run(settings: Settings) -> int:

@@ -20,6 +20,15 @@ What a sync does (upstream's rules since partial syncs, KEP-3453):
 - The canary check runs at most once per `canary_period` (the sync period), never
   on the latency path of every change.
 
+Dual-stack: one backend per IP family (upstream runs one proxier per family behind
+its meta-proxier). Each backend is a lane with its own record of what it owes: the
+ports changed since *its* last success with their states then, its own full-sync
+and canary schedule and its own failures. A family whose kernel refuses a write is
+retried with a full sync alone; the other family goes on with partial syncs. The
+endpoints of each family are categorized apart (`_compute`), as upstream's
+per-family proxiers see only their family's slices: the terminating fallback and
+the topology decision of one family never depend on the other's endpoints.
+
 Concurrency model: `sync` runs only on the runner's thread. Event handlers run on
 the reflector threads and touch only the `ChangeTracker` (thread-safe) and the two
 "listed" flags below (set under `_lock`). The desired-state dict and everything
@@ -27,13 +36,13 @@ else is owned by the sync thread; the backend gets a read-only view of the dict 
 the duration of one call.
 
 Failure model: whatever goes wrong after a checkout, nothing is lost. The ports
-changed since the last success stay recorded until a sync succeeds; any failure
-makes the next sync full; a `BackendError` is logged with the lines the kernel
+changed since a lane's last success stay recorded until it succeeds; any failure
+makes that lane's next sync full; a `BackendError` is logged with the lines the kernel
 refused, counted and retried with backoff; an unexpected exception (a bug) also
 marks every service for recomputation, since the checkout may be half applied. A
 bug while recomputing one service keeps that service's last state and does not
-stop the others. Health is only refreshed by a success, so /healthz turns 503 once
-a change has waited 2 x sync period.
+stop the others. Health is only refreshed when every lane succeeded, so /healthz
+turns 503 once a change has waited 2 x sync period.
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
@@ -86,13 +96,28 @@ class SyncHealth(Protocol):
     def updated(self) -> None: ...
 
 
+@dataclass(eq=False)
+class _Lane:
+    """One backend (one IP family) and what it owes: see "Dual-stack" above."""
+
+    backend: Backend
+    unsynced: dict[ServicePortName, ServicePortState | None] = field(default_factory=dict)
+    """Ports changed since this lane's last successful sync -> their state then (None: new)."""
+    synced_node: NodeContext | None = None
+    need_full: bool = True
+    last_full: float | None = None
+    last_canary: float | None = None
+    failures: int = 0
+
+
 class Proxier:
-    """Owns the desired node-local state and drives one backend."""
+    """Owns the desired node-local state and drives one backend per IP family."""
 
     def __init__(
         self,
         *,
-        backend: Backend,
+        backend: Backend | None = None,
+        backends: Sequence[Backend] = (),
         tracker: ChangeTracker,
         node: NodeContext,
         metrics: SyncMetrics,
@@ -105,9 +130,13 @@ class Proxier:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        """`node` holds the node-wide settings; its addresses are replaced by the Node's
+        """`backend` (one family) or `backends` (one per family, primary first).
+        `node` holds the node-wide settings; its addresses are replaced by the Node's
         own once it is seen. `request_retry(delay)` asks the runner for a sync later."""
-        self._backend = backend
+        chosen = [*([backend] if backend is not None else []), *backends]
+        if not chosen:
+            raise ValueError("a proxier needs at least one backend")
+        self._lanes = [_Lane(b) for b in chosen]
         self._tracker = tracker
         self._metrics = metrics
         self._health = health
@@ -128,18 +157,11 @@ class Proxier:
         self._zone: str | None = None
         self._desired: dict[ServicePortName, ServicePortState] = {}
         self._ports_of: dict[ServiceKey, tuple[ServicePortName, ...]] = {}
-        self._unsynced: dict[ServicePortName, ServicePortState | None] = {}
-        """Ports changed since the last successful sync -> their state then (None: new)."""
-        self._synced_node: NodeContext | None = None
-        self._need_full = True
-        self._last_full: float | None = None
-        self._last_canary: float | None = None
-        self._failures = 0
         self._carried_trigger_times: list[float] = []
         self._no_local_internal: set[ServicePortName] = set()
         self._no_local_external: set[ServicePortName] = set()
         self.syncs = 0
-        """Successful backend syncs so far (for tests and the lab)."""
+        """Successful sync rounds that wrote something (for tests and the lab)."""
 
     # -- called from reflector threads ---------------------------------------------------
 
@@ -169,7 +191,7 @@ class Proxier:
             return False
         started = self._clock()
         checkout = self._tracker.checkout()
-        # Until a sync succeeds, this checkout's trigger times stay owed to the metric.
+        # Until every lane succeeds, this checkout's trigger times stay owed to the metric.
         self._carried_trigger_times.extend(
             t for times in checkout.trigger_times.values() for t in times
         )
@@ -180,7 +202,8 @@ class Proxier:
             # applied, so recompute everything and write everything next time.
             log.exception("sync failed unexpectedly; the next sync recomputes every service")
             self._tracker.mark_all()
-            self._failed(BackendError(f"unexpected error: {err!r}"), full=True)
+            for lane in self._lanes:
+                self._failed(lane, BackendError(f"unexpected error: {err!r}"), full=True)
             return True
 
     def _sync(self, checkout: Checkout, started: float) -> bool:
@@ -190,35 +213,47 @@ class Proxier:
         )
         if checkout.node is not None:
             self._take_node(checkout.node)
-        full = self._need_full or self._full_due(started)
-        if full:
+        fulls = [lane.need_full or self._full_due(lane, started) for lane in self._lanes]
+        if any(fulls):
             freeze_long_lived()  # what is alive now mostly lives on: stop scanning it
         self._apply(checkout)
 
-        if not full and self._canary_due(started):
-            self._last_canary = started
-            if self._backend.drifted():
-                log.warning("%s: our rules were removed behind our back", self._backend.name)
+        state = ProxyState(node=self._node, services=MappingProxyType(self._desired))
+        changed = max(len(lane.unsynced) for lane in self._lanes)
+        wrote = failed = False
+        for lane, full in zip(self._lanes, fulls, strict=True):
+            outcome = self._sync_lane(lane, state, full, started)
+            wrote = wrote or outcome is not None
+            failed = failed or outcome is False
+        if failed:
+            return True
+        self._round_succeeded(started, full=any(fulls), wrote=wrote, changed=changed)
+        return wrote
+
+    def _sync_lane(self, lane: _Lane, state: ProxyState, full: bool, started: float) -> bool | None:
+        """Sync one lane: None when it had nothing to write, else whether it succeeded."""
+        if not full and self._canary_due(lane, started):
+            lane.last_canary = started
+            if lane.backend.drifted():
+                log.warning("%s: our rules were removed behind our back", lane.backend.name)
                 full = True
-        node_changed = self._node != self._synced_node
-        if not full and not self._unsynced and not node_changed:
-            self._succeeded(started, full=False, wrote=False)
-            return False
+        node_changed = self._node != lane.synced_node
+        if not full and not lane.unsynced and not node_changed:
+            return None
         hint = SyncHint(
             full=full,
-            changed=frozenset(self._unsynced),
+            changed=frozenset(lane.unsynced),
             previous=MappingProxyType(
-                {name: old for name, old in self._unsynced.items() if old is not None}
+                {name: old for name, old in lane.unsynced.items() if old is not None}
             ),
             node_changed=node_changed,
         )
-        state = ProxyState(node=self._node, services=MappingProxyType(self._desired))
         try:
-            self._backend.sync(state, hint)
+            lane.backend.sync(state, hint)
         except BackendError as err:
-            self._failed(err, full=full)
-            return True
-        self._succeeded(started, full=full, wrote=True)
+            self._failed(lane, err, full=full)
+            return False
+        self._lane_succeeded(lane, started, full=full, changed=len(hint.changed))
         return True
 
     def _take_node(self, info: NodeInfo) -> None:
@@ -233,11 +268,11 @@ class Proxier:
                 nodeport_addresses=self._node.nodeport_addresses,
             )
 
-    def _full_due(self, now: float) -> bool:
-        return self._last_full is None or now - self._last_full >= self._full_sync_period
+    def _full_due(self, lane: _Lane, now: float) -> bool:
+        return lane.last_full is None or now - lane.last_full >= self._full_sync_period
 
-    def _canary_due(self, now: float) -> bool:
-        return self._last_canary is None or now - self._last_canary >= self._canary_period
+    def _canary_due(self, lane: _Lane, now: float) -> bool:
+        return lane.last_canary is None or now - lane.last_canary >= self._canary_period
 
     def _apply(self, checkout: Checkout) -> None:
         """Recompute the dirty services' ports into `_desired`, recording what changed."""
@@ -263,9 +298,23 @@ class Proxier:
     ) -> dict[ServicePortName, ServicePortState]:
         if info is None:
             return {}
+        families = {s.family for s in slices}
+        if len(families) < 2:
+            return {
+                port.name: categorize(
+                    port, merge_endpoints(port, slices, node_name), node_name, self._zone
+                )
+                for port in info.ports
+            }
+        by_family = {f: tuple(s for s in slices if s.family is f) for f in sorted(families)}
         return {
-            port.name: categorize(
-                port, merge_endpoints(port, slices, node_name), node_name, self._zone
+            port.name: _joined(
+                [
+                    categorize(
+                        port, merge_endpoints(port, of_family, node_name), node_name, self._zone
+                    )
+                    for of_family in by_family.values()
+                ]
             )
             for port in info.ports
         }
@@ -274,10 +323,12 @@ class Proxier:
         old = self._desired.get(name)
         if old == state:
             return
-        if name not in self._unsynced:
-            self._unsynced[name] = old
-        elif self._unsynced[name] == state:
-            del self._unsynced[name]  # back to what the kernel has: nothing to write
+        for lane in self._lanes:
+            unsynced = lane.unsynced
+            if name not in unsynced:
+                unsynced[name] = old
+            elif unsynced[name] == state:
+                del unsynced[name]  # back to what this lane's kernel has: nothing to write
         if state is None:
             del self._desired[name]
         else:
@@ -286,7 +337,24 @@ class Proxier:
         _toggle(self._no_local_internal, name, internal)
         _toggle(self._no_local_external, name, external)
 
-    def _succeeded(self, started: float, *, full: bool, wrote: bool) -> None:
+    def _lane_succeeded(self, lane: _Lane, started: float, *, full: bool, changed: int) -> None:
+        if len(self._lanes) > 1:
+            log.debug(
+                "%s synced %s: %d changed",
+                lane.backend.name,
+                "fully" if full else "partially",
+                changed,
+            )
+        lane.unsynced.clear()
+        lane.synced_node = self._node
+        lane.need_full = False
+        lane.failures = 0
+        if full:
+            lane.last_full = started
+            lane.last_canary = started
+
+    def _round_succeeded(self, started: float, *, full: bool, wrote: bool, changed: int) -> None:
+        """Every lane is in sync with the desired state: report it."""
         now_wall = self._wall_clock()
         if wrote:
             elapsed = self._clock() - started
@@ -295,21 +363,15 @@ class Proxier:
             log.info(
                 "synced %s: %d changed of %d service ports in %.1f ms",
                 "fully" if full else "partially",
-                len(self._unsynced),
+                changed,
                 len(self._desired),
                 elapsed * 1000,
             )
         for trigger in self._carried_trigger_times:
             self._metrics.observe_network_programming(max(0.0, now_wall - trigger))
         self._carried_trigger_times = []
-        self._unsynced.clear()
-        self._synced_node = self._node
-        self._need_full = False
         if full:
-            self._last_full = started
-            self._last_canary = started
             release_free_memory()  # the transient peak of a full sync is over
-        self._failures = 0
         self._metrics.set_no_local_endpoints(
             internal=len(self._no_local_internal), external=len(self._no_local_external)
         )
@@ -321,14 +383,14 @@ class Proxier:
             self._health.queued_update()
             self._metrics.set_pending_changes(services=services, endpoints=endpoints)
 
-    def _failed(self, err: BackendError, *, full: bool) -> None:
-        self._failures += 1
-        self._need_full = True
+    def _failed(self, lane: _Lane, err: BackendError, *, full: bool) -> None:
+        lane.failures += 1
+        lane.need_full = True
         self._metrics.count_sync_failure(partial=not full)
-        delay = min(self._max_retry, self._min_retry * 2 ** (self._failures - 1))
+        delay = min(self._max_retry, self._min_retry * 2 ** (lane.failures - 1))
         log.error(
             "%s sync failed (%s); retrying in %.1f s with a full sync",
-            self._backend.name,
+            lane.backend.name,
             err,
             delay,
         )
@@ -349,3 +411,14 @@ def _toggle(members: set[ServicePortName], name: ServicePortName, present: bool)
         members.add(name)
     else:
         members.discard(name)
+
+
+def _joined(states: Sequence[ServicePortState]) -> ServicePortState:
+    """One port's state from its per-family states (each categorized on its own)."""
+    first = states[0]
+    return ServicePortState(
+        port=first.port,
+        cluster_endpoints=tuple(ep for st in states for ep in st.cluster_endpoints),
+        external_endpoints=tuple(ep for st in states for ep in st.external_endpoints),
+        all_endpoints=tuple(ep for st in states for ep in st.all_endpoints),
+    )

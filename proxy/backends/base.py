@@ -19,6 +19,10 @@ Contract (what the proxier relies on, whatever the kernel API):
 - `drifted()` is cheap and is called on the periodic tick, not on every sync.
 - `cleanup()` removes everything the backend owns and nothing else.
 - Never flush on start or exit: a backend's constructor touches no kernel state.
+- One backend serves one IP family (`BackendConfig.family`); a dual-stack node runs
+  one per family (`proxy.app`). A backend may implement `FamilyProbe` to say, by
+  reading the kernel only, that its family cannot be served on this node (no
+  `ip6tables`, IPv6 disabled); the node then runs single-stack, as upstream does.
 
 Backends live one per subpackage, `proxy.backends.<name>`, and register themselves
 with `@register("<name>")` when imported. `create(name, config)` imports only that
@@ -37,7 +41,7 @@ import logging
 import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from proxy.model import IPFamily, ProxyState, SyncHint
 
@@ -135,6 +139,15 @@ class Backend(Protocol):
 
     def drifted(self) -> bool:
         """True when the kernel lost our rules behind our back (a canary is missing)."""
+
+
+@runtime_checkable
+class FamilyProbe(Protocol):
+    """Optional: a backend that can tell, before its first sync, that its family is unusable."""
+
+    def unusable_reason(self) -> str | None:
+        """Why this backend's IP family cannot be served here, or None when it can.
+        Reads the kernel (runs a tool's read-only command at most); writes nothing."""
 
 
 BackendFactory = Callable[[BackendConfig], Backend]

@@ -332,3 +332,31 @@ def test_services_created_over_http_get_slices(api: ApiServer, writer: SliceWrit
         assert addresses(only_slice(api)) == ["198.18.64.10"]
     finally:
         api.stop()
+
+
+def test_a_dual_stack_service_gets_one_slice_per_family(clock: FakeClock) -> None:
+    """As the EndpointSlice controller: a slice per address type; a pod with an address
+    of each family appears in both, and the secondary family has no placeholder."""
+    api = ApiServer(service_cidr="198.19.0.0/16,2001:2:0:ff::/112")
+    writer = SliceWriter(api, clock=clock)
+    try:
+        dual = LabPod(
+            name="web-1",
+            namespace="default",
+            ip="198.18.64.10",
+            ip6="2001:2:0:40::a",
+            node_name="lab-node",
+            labels=WEB,
+            ready=True,
+            terminating=False,
+            container_ports=PORTS,
+        )
+        writer.set_pod(dual)
+        create_service(api, ipFamilyPolicy="RequireDualStack", ipFamilies=["IPv4", "IPv6"])
+        by_type = {s["addressType"]: addresses(s) for s in slices(api)}
+        assert by_type == {"IPv4": ["198.18.64.10"], "IPv6": ["2001:2:0:40::a"]}
+        writer.remove_pod("web-1", "default")
+        by_type = {s["addressType"]: addresses(s) for s in slices(api)}
+        assert by_type == {"IPv4": []}  # the primary family's placeholder only
+    finally:
+        writer.close()

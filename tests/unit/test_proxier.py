@@ -424,3 +424,87 @@ def test_ports_without_local_endpoints_are_counted_every_sync() -> None:
     h.services.on_delete(local)
     h.proxier.sync()
     assert h.metrics.no_local == (0, 0)
+
+
+class DualHarness(Harness):
+    """Two lanes, as a dual-stack node has: IPv4 first, then IPv6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v6 = RecordingBackend()
+        self.proxier = Proxier(
+            backends=[self.backend, self.v6],
+            tracker=self.tracker,
+            node=NodeContext("n1", ("198.18.0.2", "2001:2::2"), ("198.18.64.0/18",)),
+            metrics=self.metrics,
+            health=self.health,
+            request_retry=self.retries.append,
+            wall_clock=lambda: self.wall,
+            clock=lambda: self.now,
+        )
+        count = lambda r, why: self.bad.append((r, why))  # noqa: E731
+        self.services = ServiceHandler(self.tracker, self.proxier.services_synced, count)
+        self.slices = SliceHandler(self.tracker, self.proxier.slices_synced, count)
+
+
+def v6_eps(name: str, *ips: str, ready: bool = True) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "namespace": "ns",
+            "name": f"{name}-v6",
+            "labels": {"kubernetes.io/service-name": name},
+        },
+        "addressType": "IPv6",
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": [
+            {
+                "addresses": [ip],
+                "nodeName": "n1",
+                "conditions": {"ready": ready, "serving": True, "terminating": not ready},
+            }
+            for ip in ips
+        ],
+    }
+
+
+def test_a_family_whose_kernel_refuses_is_retried_fully_alone() -> None:
+    """Upstream runs one proxier per family: the IPv6 side failing must not turn every
+    IPv4 sync into a full rewrite (at 10k services that is seconds per retry)."""
+    h = synced(DualHarness())
+    assert [hint.full for _, hint in h.backend.calls] == [True]
+    assert [hint.full for _, hint in h.v6.calls] == [True]
+    h.v6.fail_next = 1
+    h.slices.on_update({}, eps("web", "198.18.64.5", "198.18.64.6"))
+    h.proxier.sync()
+    assert h.health.updated_count == 1  # the round failed: not healthy-updated
+    h.slices.on_update({}, eps("web", "198.18.64.6"))
+    h.proxier.sync()
+    v4_hints = [hint for _, hint in h.backend.calls]
+    v6_hints = [hint for _, hint in h.v6.calls]
+    assert [hint.full for hint in v4_hints] == [True, False, False]
+    assert [hint.full for hint in v6_hints] == [True, True]
+    # The IPv6 lane still owes the first change: its `previous` is its own last success.
+    (previous,) = v6_hints[-1].previous.values()
+    assert [e.ip for e in previous.cluster_endpoints] == ["198.18.64.5"]
+    assert v4_hints[-1].previous[next(iter(v4_hints[-1].changed))].cluster_endpoints[1].ip == (
+        "198.18.64.6"
+    )
+    assert h.metrics.failures == [True]
+    assert h.health.updated_count == 2
+
+
+def test_each_family_falls_back_to_terminating_endpoints_on_its_own() -> None:
+    """Upstream's per-family proxiers see only their family's slices: IPv4 endpoints
+    that are ready must not hide the IPv6 family's serving-terminating fallback."""
+    h = DualHarness()
+    service = svc("web", "198.19.0.10")
+    service["spec"]["clusterIPs"] = ["198.19.0.10", "2001:2:0:ff::10"]
+    h.services.on_add(service)
+    h.slices.on_add(eps("web", "198.18.64.5"))
+    h.slices.on_add(v6_eps("web", "2001:2:0:40::5", ready=False))
+    h.services.on_synced()
+    h.slices.on_synced()
+    h.proxier.sync()
+    state, _ = h.v6.calls[-1]
+    (port_state,) = state.values()
+    assert [e.ip for e in port_state.cluster_endpoints] == ["198.18.64.5", "2001:2:0:40::5"]

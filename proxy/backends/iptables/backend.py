@@ -149,6 +149,14 @@ class IptablesBackend:
             self._ipt = Iptables(self._runner, tools)
         return self._ipt
 
+    def unusable_reason(self) -> str | None:
+        """None when this family's iptables tools work here (upstream's `Present()`)."""
+        ipt = self._tools()
+        listed = self._runner.run([ipt.tools.save, "-t", "nat"])
+        if listed.ok:
+            return None
+        return f"{ipt.tools.save} -t nat failed: {listed.stderr.strip() or listed.returncode}"
+
     def _batched(self) -> bool:
         return self._tools().tools.variant is Variant.NFT
 
