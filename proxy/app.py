@@ -5,7 +5,11 @@ Threads (all daemons, started here, stopped by `Proxy.stop`):
 - one reflector per watched resource (Services, EndpointSlices, this Node), each
   listing then watching and calling its handler on its own thread;
 - the sync runner, the only thread that calls the backend;
-- the metrics and health HTTP servers.
+- the metrics and health HTTP servers, and one per healthCheckNodePort
+  (`proxy.healthcheck`, opened and closed by the sync thread after each sync).
+
+After each committed sync the sync thread also deletes stale UDP conntrack flows
+(`proxy.conntrack`) in this process's network namespace, the node's.
 
 The main thread only waits for SIGTERM/SIGINT. Stopping stops the threads and leaves
 the kernel exactly as the last successful sync left it (kube-proxy's promise: a
@@ -29,11 +33,16 @@ from proxy.backends.base import (
     UnknownBackendError,
     create,
     known,
+    supported_features,
 )
 from proxy.changes import ChangeTracker
 from proxy.config import Settings
+from proxy.conntrack import StaleFlowCleaner
+from proxy.features import UnsupportedFeatures
 from proxy.handlers import NodeHandler, ServiceHandler, SliceHandler
 from proxy.health import ProxyHealth
+from proxy.healthcheck import ServiceHealthServers
+from proxy.kernel.conntrack import NetlinkConntrack
 from proxy.kube.client import ENDPOINTSLICES, NODES, SERVICES, RawApi, load_api_config
 from proxy.kube.listwatch import metadata_only
 from proxy.kube.reflector import Reflector
@@ -95,6 +104,7 @@ class Proxy:
     reflectors: list[Reflector] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
+    service_health: ServiceHealthServers | None = None
 
     def stop(self) -> None:
         """Stop every thread; the kernel keeps the last synced rules."""
@@ -106,6 +116,8 @@ class Proxy:
             thread.join(timeout=10)
         self.metrics.close()
         self.health.close()
+        if self.service_health is not None:
+            self.service_health.close()
 
 
 def start(settings: Settings) -> Proxy:
@@ -143,6 +155,11 @@ def start(settings: Settings) -> Proxy:
         masquerade_all=settings.masquerade_all,
         nodeport_addresses=settings.nodeport_addresses,
     )
+    # After each committed sync: stale UDP flows go, health-check node ports follow.
+    # Both run in this process's network namespace, the node's.
+    cleaner = StaleFlowCleaner(NetlinkConntrack(), metrics)
+    service_health = ServiceHealthServers(proxy_healthy=health.is_healthy, metrics=metrics)
+    features = UnsupportedFeatures(supported_features(backend), metrics, backend=backend.name)
     proxier = Proxier(
         backend=backend,
         tracker=tracker,
@@ -153,6 +170,8 @@ def start(settings: Settings) -> Proxy:
         min_retry=max(settings.min_sync_period, 1.0),
         max_retry=settings.sync_period,
         canary_period=settings.sync_period,
+        after_sync=(cleaner.after_sync, service_health.after_sync),
+        check_service=features.check,
     )
     metrics.serve(settings.metrics_bind_address)
     health.serve(settings.healthz_bind_address)
@@ -171,7 +190,9 @@ def start(settings: Settings) -> Proxy:
         health.sync_node(info.eligible)
         tracker.set_node(info)
 
-    proxy = Proxy(settings, backend, metrics, health, tracker, proxier, runner)
+    proxy = Proxy(
+        settings, backend, metrics, health, tracker, proxier, runner, service_health=service_health
+    )
     count_bad = metrics.count_skipped
     proxy.reflectors = [
         Reflector(

@@ -5,6 +5,7 @@ Flow, one way only:
     reflector threads --(parsed values)--> ChangeTracker --checkout--> Proxier.sync
         --> topology.categorize per dirty service --> desired state (dict)
         --> backend.sync(ProxyState, SyncHint) --> metrics, health
+        --> after-sync hooks (stale UDP conntrack cleanup, health-check node ports)
 
 What a sync does (upstream's rules since partial syncs, KEP-3453):
 
@@ -41,7 +42,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import Protocol
 
@@ -86,6 +87,18 @@ class SyncHealth(Protocol):
     def updated(self) -> None: ...
 
 
+AfterSync = Callable[[ProxyState, SyncHint], None]
+"""Work that follows a committed sync (stale conntrack cleanup, health-check servers).
+
+Called on the sync thread right after the backend accepted `hint`'s changes, with the
+state it was given; it must not keep `state.services` (a view of the proxier's dict)
+beyond the call. An exception is logged and does not fail the sync."""
+
+ServiceCheck = Callable[[ServiceKey, tuple[ServicePortState, ...]], None]
+"""Told each recomputed service's new port states (empty: deleted), e.g. to report
+features the backend does not program."""
+
+
 class Proxier:
     """Owns the desired node-local state and drives one backend."""
 
@@ -104,9 +117,15 @@ class Proxier:
         canary_period: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        after_sync: Sequence[AfterSync] = (),
+        check_service: ServiceCheck | None = None,
     ) -> None:
         """`node` holds the node-wide settings; its addresses are replaced by the Node's
-        own once it is seen. `request_retry(delay)` asks the runner for a sync later."""
+        own once it is seen. `request_retry(delay)` asks the runner for a sync later.
+        `after_sync` hooks run, in order, after each committed sync; `check_service`
+        sees every recomputed service."""
+        self._after_sync = tuple(after_sync)
+        self._check_service = check_service
         self._backend = backend
         self._tracker = tracker
         self._metrics = metrics
@@ -219,6 +238,12 @@ class Proxier:
             self._failed(err, full=full)
             return True
         self._succeeded(started, full=full, wrote=True)
+        for hook in self._after_sync:
+            try:
+                hook(state, hint)
+            except Exception:
+                # The rules are committed; a follow-up job failing must not undo that.
+                log.exception("after-sync step %r failed", hook)
         return True
 
     def _take_node(self, info: NodeInfo) -> None:
@@ -257,6 +282,11 @@ class Proxier:
                 self._set_port(name, state)
             if new_states:
                 self._ports_of[key] = tuple(new_states)
+            if self._check_service is not None:
+                try:
+                    self._check_service(key, tuple(new_states.values()))
+                except Exception:  # a report, not the sync: never stop the sync for it
+                    log.exception("service %s: checking its features failed", key)
 
     def _compute(
         self, info: ServiceInfo | None, slices: tuple[SliceInfo, ...], node_name: str

@@ -424,3 +424,39 @@ def test_ports_without_local_endpoints_are_counted_every_sync() -> None:
     h.services.on_delete(local)
     h.proxier.sync()
     assert h.metrics.no_local == (0, 0)
+
+
+# -- after-sync hooks and service checks -------------------------------------------------
+
+
+def test_after_sync_hooks_run_after_a_committed_sync_only_and_cannot_fail_it() -> None:
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def record(state: ProxyState, hint: SyncHint) -> None:
+        seen.append((sorted(str(n) for n in state.services), sorted(str(n) for n in hint.changed)))
+
+    def broken(_state: ProxyState, _hint: SyncHint) -> None:
+        raise RuntimeError("bug in a hook")
+
+    h = synced(Harness(after_sync=(broken, record)))
+    assert seen == [(["ns/api:http", "ns/web:http"], ["ns/api:http", "ns/web:http"])]
+    assert h.backend.calls[-1][1].full
+
+    # A failed backend sync runs no hook: the kernel still has the old rules.
+    h.backend.fail_next = 1
+    h.slices.on_update({}, eps("web", "198.18.64.5", "198.18.64.6"))
+    h.proxier.sync()
+    assert len(seen) == 1
+    # The retry commits, and the hooks see the change with its previous state.
+    h.proxier.sync()
+    assert seen[-1][1] == ["ns/web:http"]
+    assert h.retries == [1.0]  # the broken hook caused no extra failure
+
+
+def test_every_recomputed_service_is_checked_with_its_new_ports() -> None:
+    checked: list[tuple[str, int]] = []
+    h = synced(Harness(check_service=lambda key, states: checked.append((str(key), len(states)))))
+    assert sorted(checked) == [("ns/api", 1), ("ns/web", 1)]
+    h.services.on_delete(svc("api", "198.19.0.11"))
+    h.proxier.sync()
+    assert checked[-1] == ("ns/api", 0)
