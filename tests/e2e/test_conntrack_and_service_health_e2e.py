@@ -28,8 +28,9 @@ from lab.slicewriter import LabPod
 pytestmark = pytest.mark.e2e
 
 SEND_TIMEOUT = 0.3
-FIXED_PORTS = iter(range(41001, 41100))
-"""Source ports for the pinned flows: outside `lab.probe`'s cycle, one per test."""
+FIXED_PORTS = iter(range(19001, 19100))
+"""Source ports for the pinned flows, one per flow: below both `lab.probe`'s cycle
+(20000-31999) and the kernel's ephemeral range, so no other socket can hold one."""
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_a_flow_cached_before_a_service_had_endpoints_reaches_its_first_endpoint
     # A datagram to the NodePort before the service exists is delivered to the node
     # itself (nothing listens: refused) and leaves a confirmed, un-NATed flow. The
     # service then appears without endpoints (rejected), then gets one: 0 -> 1.
-    node_port = 31053
+    node_port = free_node_port(lab)
     flow = PinnedFlow(lab.topology.client_ns, lab.topology.node_ip, node_port)
     try:
         assert isinstance(flow.send(), ProbeFailure)
@@ -177,6 +178,13 @@ def test_a_flow_cached_before_a_service_had_endpoints_reaches_its_first_endpoint
         )
     finally:
         flow.close()
+
+
+def free_node_port(lab: LabCluster) -> int:
+    """A NodePort no service holds yet (the API would refuse a taken one)."""
+    services = lab.api.list("services", namespace=NAMESPACE)
+    taken = {p.get("nodePort") for svc in services for p in svc["spec"].get("ports", [])}
+    return next(port for port in range(31053, 32768) if port not in taken)
 
 
 def _port(node_port: int) -> dict[str, Any]:

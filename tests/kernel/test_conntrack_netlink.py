@@ -18,6 +18,7 @@ from lab.netns import CLUSTER_CIDR, NODE_IP
 from lab.probe import EchoReply, probe
 from proxy.backends.base import BackendConfig
 from proxy.backends.base import create as create_backend
+from proxy.kernel import conntrack as conntrack_module
 from proxy.kernel.conntrack import NetlinkConntrack, UdpFlowSelector
 from proxy.model import (
     Endpoint,
@@ -96,9 +97,14 @@ def send(lab: Lab, dst: str, port: int) -> set[str]:
     return answered
 
 
+@pytest.mark.parametrize(
+    "dump_cost",
+    [pytest.param(0, id="a-filtered-dump-per-selector"), pytest.param(10**9, id="one-udp-dump")],
+)
 def test_selected_flows_go_and_every_other_flow_stays(
-    programmed: tuple[Lab, dict[str, str]],
+    programmed: tuple[Lab, dict[str, str]], dump_cost: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(conntrack_module, "FILTERED_DUMP_COST", dump_cost)
     lab, ips = programmed
     # P(24 datagrams all land on one of two endpoints) = 2 * 2**-24.
     assert send(lab, DNS_VIP, 53) == {"pod0", "pod1"}
