@@ -28,6 +28,9 @@ Where we depart from upstream, and why:
   releases did: the rules are gone and a kept flow would go on reaching the old
   endpoint. A frontend that a port still in the state uses is left to that port.
 - A cleanup that fails is retried at the next sync for the ports still present.
+- The reply source is compared as address and port (upstream: address only), so that
+  a renumbered target port also moves its flows (semantics checklist: "renamed or
+  renumbered named port: stale UDP conntrack removed").
 
 `stale_udp_flows` is the pure decision; `StaleFlowCleaner` adds the kernel call
 (a `proxy.kernel.conntrack.ConntrackTable`), the log lines and the metrics.
@@ -75,16 +78,16 @@ def frontends(port: ServicePort) -> set[Frontend]:
     return found
 
 
-def serving_ips(state: ServicePortState) -> frozenset[str]:
-    """Addresses of the endpoints that are serving (upstream's `IsServing`), anywhere."""
-    return frozenset(ep.ip for ep in state.all_endpoints if ep.serving)
+def serving(state: ServicePortState) -> frozenset[tuple[str, int]]:
+    """(address, port) of the endpoints that are serving (upstream's `IsServing`), anywhere."""
+    return frozenset((ep.ip, ep.port) for ep in state.all_endpoints if ep.serving)
 
 
 def _may_be_stale(new: ServicePortState, old: ServicePortState | None) -> bool:
     """Can the change from `old` to `new` have left a flow that is now wrong?"""
     if old is None:
         return True  # new port, or first sync: flows from before may be rejected ones
-    before, now = serving_ips(old), serving_ips(new)
+    before, now = serving(old), serving(new)
     if not before or before - now:
         return True  # from no endpoint to some, or an endpoint stopped serving
     return bool(frontends(new.port) - frontends(old.port))
@@ -103,7 +106,7 @@ def stale_udp_flows(
     The result is sorted, one selector per frontend.
     """
     forced = set(force)
-    keep: dict[Frontend, frozenset[str]] = {}
+    keep: dict[Frontend, frozenset[tuple[str, int]]] = {}
     gone: set[Frontend] = set()
     used: set[Frontend] = set()
     for name in set(changed) | forced:
@@ -116,14 +119,14 @@ def stale_udp_flows(
             gone |= frontends(old.port) - new_frontends
         if new is None:
             continue
-        serving = serving_ips(new)
+        live = serving(new)
         # Without a serving endpoint the rules reject: nothing to clean until one appears.
-        if not serving or (name not in forced and not _may_be_stale(new, old)):
+        if not live or (name not in forced and not _may_be_stale(new, old)):
             continue
         for frontend in new_frontends:
             # Two ports on one frontend cannot happen with a valid API; if it does,
             # keep the flows to either port's endpoints.
-            keep[frontend] = keep.get(frontend, frozenset()) | serving
+            keep[frontend] = keep.get(frontend, frozenset()) | live
     # A frontend a port still uses is that port's business (cleaned above, or fine).
     for frontend in gone - used:
         keep[frontend] = frozenset()

@@ -10,9 +10,9 @@ module only executes the decision.
 
 The vocabulary is one `UdpFlowSelector`: "UDP flows of this family whose original
 destination is `dst_ip`:`dst_port` (any address when `dst_ip` is None, for a
-NodePort) and whose reply source, the endpoint that answers, is not one of
-`keep_reply_sources`". With an empty keep set it selects every flow to that
-destination.
+NodePort) and whose reply source address and port, the endpoint that answers, is
+not one of `keep_reply_sources`". With an empty keep set it selects every flow to
+that destination.
 
 How (`NetlinkConntrack`): one dump per selector, filtered in the kernel by protocol,
 destination port and address (CTA_FILTER, kernel 5.8+: the kernel walks its table,
@@ -62,8 +62,8 @@ class UdpFlowSelector:
     dst_port: int
     dst_ip: str | None = None
     """The original destination address; None matches any (a NodePort on every address)."""
-    keep_reply_sources: frozenset[str] = frozenset()
-    """Endpoint addresses whose flows stay; every other flow to the destination goes."""
+    keep_reply_sources: frozenset[tuple[str, int]] = frozenset()
+    """Endpoints (address, port) whose flows stay; every other flow to the destination goes."""
 
     def sort_key(self) -> tuple[int, str, int]:
         """NodePorts (any address) first, then by address and port."""
@@ -71,7 +71,8 @@ class UdpFlowSelector:
 
     def __str__(self) -> str:
         where = f"{self.dst_ip}:{self.dst_port}" if self.dst_ip else f"*:{self.dst_port}"
-        keep = ",".join(sorted(self.keep_reply_sources)) or "nothing"
+        keep = ",".join(f"{ip}:{port}" for ip, port in sorted(self.keep_reply_sources))
+        keep = keep or "nothing"
         return f"udp to {where} keeping {keep}"
 
 
@@ -86,6 +87,7 @@ class UdpFlow:
     dst_port: int
     reply_src_ip: str
     """Where replies come from: the endpoint after DNAT, the destination itself without."""
+    reply_src_port: int
 
 
 def selects(selector: UdpFlowSelector, flow: UdpFlow) -> bool:
@@ -94,7 +96,7 @@ def selects(selector: UdpFlowSelector, flow: UdpFlow) -> bool:
         flow.family == selector.family
         and flow.dst_port == selector.dst_port
         and (selector.dst_ip is None or flow.dst_ip == selector.dst_ip)
-        and flow.reply_src_ip not in selector.keep_reply_sources
+        and (flow.reply_src_ip, flow.reply_src_port) not in selector.keep_reply_sources
     )
 
 
@@ -225,6 +227,7 @@ def _flow(family: IPFamily, entry: Any) -> UdpFlow:
         dst_ip=str(orig.daddr),
         dst_port=int(orig.dport or 0),
         reply_src_ip=str(reply.saddr),
+        reply_src_port=int(reply.sport or 0),
     )
 
 

@@ -8,9 +8,9 @@ from proxy.kernel.conntrack import ConntrackError, UdpFlow, UdpFlowSelector, mat
 from proxy.model import IPFamily
 
 
-def flow(src: str, sport: int, dst: str, dport: int, reply_src: str) -> UdpFlow:
+def flow(src: str, sport: int, dst: str, dport: int, reply_src: str, reply_port: int) -> UdpFlow:
     family = IPFamily.V6 if ":" in dst else IPFamily.V4
-    return UdpFlow(family, src, sport, dst, dport, reply_src)
+    return UdpFlow(family, src, sport, dst, dport, reply_src, reply_port)
 
 
 class FakeConntrack:

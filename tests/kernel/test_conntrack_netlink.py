@@ -116,7 +116,7 @@ def test_selected_flows_go_and_every_other_flow_stays(
     assert to_pod0
 
     table = NetlinkConntrack(netns=lab.topo.node_ns)
-    keep = frozenset({ips["pod1"]})
+    keep = frozenset({(ips["pod1"], ECHO_UDP_PORT)})
     deleted = table.delete_udp_flows(
         [
             UdpFlowSelector(IPFamily.V4, 53, DNS_VIP, keep),

@@ -31,8 +31,15 @@ def name(service: str = "dns", proto: Protocol = Protocol.UDP) -> ServicePortNam
     return ServicePortName(ServiceKey("ns", service), "dns", proto)
 
 
-def ep(ip: str, *, ready: bool = True, serving: bool = True, terminating: bool = False) -> Endpoint:
-    return Endpoint(ip=ip, port=5353, ready=ready, serving=serving, terminating=terminating)
+def ep(
+    ip: str,
+    *,
+    port: int = 5353,
+    ready: bool = True,
+    serving: bool = True,
+    terminating: bool = False,
+) -> Endpoint:
+    return Endpoint(ip=ip, port=port, ready=ready, serving=serving, terminating=terminating)
 
 
 def port_state(
@@ -75,7 +82,8 @@ def decide(
 
 
 def sel(ip: str | None, port: int, *keep: str) -> UdpFlowSelector:
-    return UdpFlowSelector(V4, port, ip, frozenset(keep))
+    """Keep the flows to these endpoint addresses (at the echo port 5353)."""
+    return UdpFlowSelector(V4, port, ip, frozenset((address, 5353) for address in keep))
 
 
 # -- the decision ------------------------------------------------------------------------
@@ -150,6 +158,14 @@ def test_a_frontend_taken_over_by_another_changed_port_is_left_to_that_port() ->
     ]
 
 
+def test_a_renumbered_target_port_moves_the_flows_to_the_old_one() -> None:
+    old = port_state([ep("198.18.64.1", port=5353)])
+    new = port_state([ep("198.18.64.1", port=5354)])
+    assert decide([new], [old]) == [
+        UdpFlowSelector(V4, 53, VIP, frozenset({("198.18.64.1", 5354)}))
+    ]
+
+
 def test_a_cluster_port_equal_to_a_node_port_sorts_without_error() -> None:
     new = port_state([ep("198.18.64.1")], port=30053, node_port=30053)
     assert decide([new]) == [sel(None, 30053, "198.18.64.1"), sel(VIP, 30053, "198.18.64.1")]
@@ -196,10 +212,11 @@ def hint(changed: Iterable[ServicePortState], previous: Iterable[ServicePortStat
 def test_the_cleaner_deletes_exactly_the_stale_flows_and_counts_them() -> None:
     table = FakeConntrack(
         [
-            flow(CLIENT, 20001, VIP, 53, "198.18.64.1"),  # to the removed endpoint: goes
-            flow(CLIENT, 20002, VIP, 53, "198.18.64.2"),  # to the remaining one: stays
-            flow(CLIENT, 20003, NODE, 30053, "198.18.64.1"),  # NodePort, removed: goes
-            flow(CLIENT, 20004, "198.19.0.99", 53, "198.18.64.1"),  # another VIP: stays
+            flow(CLIENT, 20001, VIP, 53, "198.18.64.1", 5353),  # to the removed endpoint: goes
+            flow(CLIENT, 20002, VIP, 53, "198.18.64.2", 5353),  # to the remaining one: stays
+            flow(CLIENT, 20003, NODE, 30053, "198.18.64.1", 5353),  # NodePort, removed: goes
+            flow(CLIENT, 20004, "198.19.0.99", 53, "198.18.64.1", 5353),  # another VIP: stays
+            flow(CLIENT, 20005, VIP, 53, "198.18.64.2", 5354),  # old target port: goes
         ]
     )
     metrics = Recorder()
@@ -208,7 +225,7 @@ def test_the_cleaner_deletes_exactly_the_stale_flows_and_counts_them() -> None:
     new = port_state([ep("198.18.64.2")], node_port=30053)
     cleaner.after_sync(proxy_state(new), hint([new], [old]))
     assert [f.src_port for f in table.flows] == [20002, 20004]
-    assert metrics.deleted == [(V4, 2)]
+    assert metrics.deleted == [(V4, 3)]
     assert len(metrics.durations) == 1
 
 
@@ -222,7 +239,7 @@ def test_nothing_to_clean_touches_no_table() -> None:
 
 
 def test_a_failure_is_counted_never_raised_and_retried_at_the_next_sync() -> None:
-    table = FakeConntrack([flow(CLIENT, 20001, VIP, 53, "198.18.64.1")])
+    table = FakeConntrack([flow(CLIENT, 20001, VIP, 53, "198.18.64.1", 5353)])
     table.fail_next = 1
     metrics = Recorder()
     cleaner = StaleFlowCleaner(table, metrics)
