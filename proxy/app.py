@@ -144,10 +144,8 @@ def start(settings: Settings) -> Proxy:
         min_interval=settings.min_sync_period,
         max_interval=settings.sync_period,
     )
-    backend = create(
-        settings.proxy_mode,
-        backend_config(settings, metrics=metrics, request_sync=runner.retry),
-    )
+    config = backend_config(settings, metrics=metrics, request_sync=runner.retry)
+    backend = create(settings.proxy_mode, config)
     node = NodeContext(
         node_name=settings.node_name,
         node_ips=(),
@@ -155,9 +153,11 @@ def start(settings: Settings) -> Proxy:
         masquerade_all=settings.masquerade_all,
         nodeport_addresses=settings.nodeport_addresses,
     )
-    # After each committed sync: stale UDP flows go, health-check node ports follow.
-    # Both run in this process's network namespace, the node's.
-    cleaner = StaleFlowCleaner(NetlinkConntrack(), metrics)
+    # After each committed sync: health-check node ports follow (quick), then stale
+    # UDP flows go (one netlink dump per changed frontend; the first sync after a start
+    # may read the whole UDP table). Both in the backend's network namespace: this
+    # process's, the node's, unless a test runs the backend elsewhere.
+    cleaner = StaleFlowCleaner(NetlinkConntrack(config.netns), metrics)
     service_health = ServiceHealthServers(proxy_healthy=health.is_healthy, metrics=metrics)
     features = UnsupportedFeatures(supported_features(backend), metrics, backend=backend.name)
     proxier = Proxier(
@@ -170,7 +170,7 @@ def start(settings: Settings) -> Proxy:
         min_retry=max(settings.min_sync_period, 1.0),
         max_retry=settings.sync_period,
         canary_period=settings.sync_period,
-        after_sync=(cleaner.after_sync, service_health.after_sync),
+        after_sync=(service_health.after_sync, cleaner.after_sync),
         check_service=features.check,
     )
     metrics.serve(settings.metrics_bind_address)
