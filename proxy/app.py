@@ -158,7 +158,9 @@ def start(settings: Settings) -> Proxy:
     # may read the whole UDP table). Both in the backend's network namespace: this
     # process's, the node's, unless a test runs the backend elsewhere.
     cleaner = StaleFlowCleaner(NetlinkConntrack(config.netns), metrics)
-    service_health = ServiceHealthServers(proxy_healthy=health.is_healthy, metrics=metrics)
+    service_health = ServiceHealthServers(
+        proxy_healthy=health.is_healthy, metrics=metrics, netns=config.netns
+    )
     features = UnsupportedFeatures(supported_features(backend), metrics, backend=backend.name)
     proxier = Proxier(
         backend=backend,

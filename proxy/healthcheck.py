@@ -31,7 +31,10 @@ The work follows the change: `after_sync` (a proxier after-sync hook) looks only
 services named in `SyncHint.changed` (every one on a full sync) plus failed ones, and
 keeps its own index of each service's ports.
 
-Sockets open in the caller's network namespace: the proxy runs in the node's.
+Sockets open in `netns` when one is named (the backend's `BackendConfig.netns`, set
+by tests that run a backend in a namespace), else in the caller's: the proxy runs in
+the node's. The serving threads need no namespace: a socket keeps the one it was
+created in.
 
 Concurrency: `after_sync` and `close` run on the proxier's sync thread (and the
 stopping main thread); the HTTP handler threads read the local-endpoint counts under
@@ -41,6 +44,7 @@ Nothing blocks while holding the lock; closing a server waits for its thread out
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -49,6 +53,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from proxy.kernel.netns import run_in_netns
 from proxy.metrics import HttpServer, Response, Route, start_http_server
 from proxy.model import (
     NodeContext,
@@ -141,10 +146,12 @@ class ServiceHealthServers:
         proxy_healthy: Callable[[], bool],
         metrics: ServiceHealthMetrics,
         listen: Listen = _listen,
+        netns: str | None = None,
     ) -> None:
         self._proxy_healthy = proxy_healthy
         self._metrics = metrics
         self._listen = listen
+        self._netns = netns
         self._lock = threading.Lock()
         self._services: dict[ServiceKey, _Instance] = {}  # guarded by _lock
         # Owned by the sync thread.
@@ -194,7 +201,8 @@ class ServiceHealthServers:
         servers: list[HttpServer] = []
         try:
             for address in addresses:
-                servers.append(self._listen(f"{address}:{port}", self._route_for(key)))
+                bind = functools.partial(self._listen, f"{address}:{port}", self._route_for(key))
+                servers.append(run_in_netns(self._netns, bind))
         except OSError as err:
             for server in servers:
                 server.close()
