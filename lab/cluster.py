@@ -263,13 +263,23 @@ class LabCluster:
         return run_in_netns(self.topology.node_ns, fetch)
 
     def metrics(self) -> dict[str, float]:
-        """The proxy's /metrics as {series: value} (series with labels keep them)."""
+        """The proxy's /metrics as {series: value}.
+
+        Series with labels keep them; each labelled metric also appears under its bare
+        name with the sum over its label sets (e.g. over `ip_family`).
+        """
         _, text = self.http_get(METRICS_PORT, "/metrics")
         values: dict[str, float] = {}
+        sums: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 series, _, value = line.rpartition(" ")
                 values[series] = float(value)
+                name, brace, _ = series.partition("{")
+                if brace:
+                    sums[name] = sums.get(name, 0.0) + float(value)
+        for name, total in sums.items():
+            values.setdefault(name, total)
         return values
 
     def wait_for(

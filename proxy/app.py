@@ -7,7 +7,12 @@ Threads (all daemons, started here, stopped by `Proxy.stop`):
 - the sync runner, the only thread that calls the backends (one per IP family the
   node serves: IPv4 and, where the kernel and the tools have it, IPv6, as upstream
   runs dual-stack wherever both families work);
-- the metrics and health HTTP servers.
+- the metrics and health HTTP servers, and one per healthCheckNodePort
+  (`proxy.healthcheck`, opened and closed by the sync thread after each sync).
+
+After each committed sync of a family the sync thread also deletes that family's
+stale UDP conntrack flows (`proxy.conntrack`) in this process's network namespace,
+the node's.
 
 The main thread only waits for SIGTERM/SIGINT. Stopping stops the threads and leaves
 the kernel exactly as the last successful sync left it (kube-proxy's promise: a
@@ -30,20 +35,26 @@ from proxy.backends.base import (
     BackendConfig,
     BackendMetrics,
     FamilyProbe,
+    Feature,
     UnknownBackendError,
     create,
     known,
+    supported_features,
 )
 from proxy.changes import ChangeTracker
 from proxy.config import Settings
+from proxy.conntrack import StaleFlowCleaner
+from proxy.features import UnsupportedFeatures
 from proxy.handlers import NodeHandler, ServiceHandler, SliceHandler
 from proxy.health import ProxyHealth
+from proxy.healthcheck import ServiceHealthServers
+from proxy.kernel.conntrack import NetlinkConntrack
 from proxy.kube.client import ENDPOINTSLICES, NODES, SERVICES, RawApi, load_api_config
 from proxy.kube.listwatch import metadata_only
 from proxy.kube.reflector import Reflector
 from proxy.memory import defer_collection
 from proxy.metrics import ProxyMetrics
-from proxy.model import IPFamily, NodeContext, NodeInfo
+from proxy.model import IPFamily, NodeContext, NodeInfo, ProxyState, SyncHint
 from proxy.parse import PROXY_LABEL_SELECTOR
 from proxy.proxier import Proxier
 from proxy.runner import BoundedFrequencyRunner
@@ -104,6 +115,7 @@ class Proxy:
     reflectors: list[Reflector] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
+    service_health: ServiceHealthServers | None = None
 
     def stop(self) -> None:
         """Stop every thread; the kernel keeps the last synced rules."""
@@ -115,6 +127,8 @@ class Proxy:
             thread.join(timeout=10)
         self.metrics.close()
         self.health.close()
+        if self.service_health is not None:
+            self.service_health.close()
 
 
 def start(settings: Settings) -> Proxy:
@@ -122,7 +136,6 @@ def start(settings: Settings) -> Proxy:
     defer_collection()  # until the first full sync: the initial lists fill the heap
     api = RawApi(load_api_config(settings.kubeconfig, settings.master))
     metrics = ProxyMetrics(backend=settings.proxy_mode)
-    health = ProxyHealth(timeout=2 * settings.sync_period, metrics=metrics)
 
     def queued() -> None:
         health.queued_update()
@@ -141,14 +154,19 @@ def start(settings: Settings) -> Proxy:
         min_interval=settings.min_sync_period,
         max_interval=settings.sync_period,
     )
-    backends = family_backends(
-        settings.proxy_mode,
-        lambda family, sink: backend_config(
+    configs: dict[IPFamily, BackendConfig] = {}
+
+    def config_for(family: IPFamily, sink: BackendMetrics) -> BackendConfig:
+        configs[family] = backend_config(
             settings, family=family, metrics=sink, request_sync=runner.retry
-        ),
-        metrics,
-    )
+        )
+        return configs[family]
+
+    backends = family_backends(settings.proxy_mode, config_for, metrics)
+    families = [family for family, _ in backends]
     backend = backends[0][1]
+    netns = configs[families[0]].netns
+    health = ProxyHealth(timeout=2 * settings.sync_period, metrics=metrics, families=families)
     node = NodeContext(
         node_name=settings.node_name,
         node_ips=(),
@@ -156,8 +174,26 @@ def start(settings: Settings) -> Proxy:
         masquerade_all=settings.masquerade_all,
         nodeport_addresses=settings.nodeport_addresses,
     )
+    # After each committed sync: health-check node ports follow (quick), then stale
+    # UDP flows go (one netlink dump per changed frontend; the first sync after a start
+    # may read the whole UDP table). Both in the backend's network namespace: this
+    # process's, the node's, unless a test runs the backend elsewhere.
+    # One cleaner per family: each family's flows go once its rules are committed.
+    conntrack = NetlinkConntrack(netns)
+    cleaners = {f: StaleFlowCleaner(conntrack, metrics, family=f) for f in families}
+    service_health = ServiceHealthServers(
+        proxy_healthy=health.is_healthy, metrics=metrics, netns=netns
+    )
+
+    def after_sync(state: ProxyState, hint: SyncHint, family: IPFamily) -> None:
+        if family is families[0]:  # the servers serve every family: follow the primary
+            service_health.after_sync(state, hint)
+        cleaners[family].after_sync(state, hint)
+
+    supported = served_features(supported_features(backend), families)
+    features = UnsupportedFeatures(supported, metrics, backend=backend.name)
     proxier = Proxier(
-        backends=[b for _, b in backends],
+        backends=backends,
         tracker=tracker,
         node=node,
         metrics=metrics,
@@ -166,6 +202,8 @@ def start(settings: Settings) -> Proxy:
         min_retry=max(settings.min_sync_period, 1.0),
         max_retry=settings.sync_period,
         canary_period=settings.sync_period,
+        after_sync=(after_sync,),
+        check_service=features.check,
     )
     metrics.serve(settings.metrics_bind_address)
     health.serve(settings.healthz_bind_address)
@@ -184,7 +222,9 @@ def start(settings: Settings) -> Proxy:
         health.sync_node(info.eligible)
         tracker.set_node(info)
 
-    proxy = Proxy(settings, backend, metrics, health, tracker, proxier, runner)
+    proxy = Proxy(
+        settings, backend, metrics, health, tracker, proxier, runner, service_health=service_health
+    )
     count_bad = metrics.count_skipped
     proxy.reflectors = [
         Reflector(
@@ -226,23 +266,21 @@ def start(settings: Settings) -> Proxy:
         settings.node_name,
         settings.proxy_mode,
         backend.name,
-        "+".join(f"IPv{family.value}" for family, _ in backends),
+        "+".join(f"IPv{family.value}" for family in families),
     )
     return proxy
 
 
-class _SecondaryFamilyMetrics:
-    """The metrics sink of a secondary family's backend.
+class _FamilyMetrics:
+    """The metrics sink of one family's backend: its rule counts carry its family
+    (`ip_family`), its phase timings are shared."""
 
-    Rule counts are per table without a family label, so only the primary family sets
-    them (as the gauge read on a single-stack node); phase timings are shared.
-    """
-
-    def __init__(self, sink: BackendMetrics) -> None:
+    def __init__(self, sink: BackendMetrics, family: IPFamily) -> None:
         self._sink = sink
+        self._family = family
 
-    def set_iptables_rules(self, table: str, count: int) -> None:
-        pass
+    def set_iptables_rules(self, table: str, count: int, family: IPFamily | None = None) -> None:
+        self._sink.set_iptables_rules(table, count, self._family)
 
     def observe_phase(self, phase: str, seconds: float) -> None:
         self._sink.observe_phase(phase, seconds)
@@ -261,7 +299,7 @@ def family_backends(
     """
     backends: list[tuple[IPFamily, Backend]] = []
     for family in IPFamily:
-        sink = metrics if not backends else _SecondaryFamilyMetrics(metrics)
+        sink = _FamilyMetrics(metrics, family)
         backend = create(mode, config_for(family, sink))
         reason = _family_unusable(family, backend)
         if reason is None:
@@ -273,6 +311,13 @@ def family_backends(
     if not backends:
         raise UnknownBackendError(f"proxy mode {mode!r}: neither IPv4 nor IPv6 works here")
     return backends
+
+
+def served_features(declared: frozenset[Feature], families: list[IPFamily]) -> frozenset[Feature]:
+    """What the node programs: what the backend declares, less a family it cannot serve
+    here (a single-stack node reports a Service's IPv6 ClusterIP as unsupported)."""
+    family_of = {Feature.IPV4: IPFamily.V4, Feature.IPV6: IPFamily.V6}
+    return frozenset(f for f in declared if family_of.get(f, families[0]) in families)
 
 
 def _family_unusable(family: IPFamily, backend: Backend) -> str | None:

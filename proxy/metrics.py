@@ -3,12 +3,23 @@
 `ProxyMetrics` owns a private `CollectorRegistry` (no global registry: tests build
 as many as they like) holding upstream's metrics (`pkg/proxy/metrics/metrics.go`)
 with their names, help texts (with component-base's "[ALPHA] " prefix), label names
-and bucket boundaries, so existing dashboards and alerts work unchanged. Two of our
-own sit beside them, named `kubeproxy_py_*` so nobody mistakes them for upstream's:
+and bucket boundaries, so existing dashboards and alerts work unchanged. As upstream
+since v1.33, the metrics of a per-family proxier carry `ip_family` ("IPv4", "IPv6"):
+the sync durations, network programming latency, last (queued) sync timestamps,
+restore / nftables failures, rule counts, no-local-endpoint gauges and the conntrack
+reconciler's `kubeproxy_conntrack_reconciler_deleted_entries_total` and
+`..._sync_duration_seconds`; the change counters and healthz counters do not. Every
+recording method takes the family as a keyword defaulting to IPv4.
+
+Ours sit beside them, named `kubeproxy_py_*` so nobody mistakes them for upstream's:
 `kubeproxy_py_sync_failures_total{backend}`,
-`kubeproxy_py_skipped_objects_total{resource,reason}` and
+`kubeproxy_py_skipped_objects_total{resource,reason}`,
 `kubeproxy_py_sync_phase_duration_seconds{phase}` (render, read, write: where a sync's
-time goes, reported by the backend through the seam's metrics sink).
+time goes, reported by the backend through the seam's metrics sink),
+`kubeproxy_py_conntrack_cleanup_failures_total`, `kubeproxy_py_unsupported_total{feature}`
+(a service uses something the active backend does not program; once per service and
+feature), `kubeproxy_py_service_health_servers` and
+`kubeproxy_py_service_health_listen_failures_total` (healthCheckNodePort servers).
 
 The exposition matches a Go server's where a query could tell the difference:
 prometheus_client's extra `*_created` series are dropped, and histogram `le` labels
@@ -51,6 +62,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from proxy.config import split_host_port
+from proxy.model import IPFamily
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +80,13 @@ NETWORK_PROGRAMMING_BUCKETS: tuple[float, ...] = (
 """Upstream's merged linear buckets; its `merge` starts from a 0 bucket, so we do too."""
 
 _ALPHA = "[ALPHA] "
+FAMILY = "ip_family"
+"""The label upstream added (v1.33) to the metrics of its per-family proxiers."""
+
+
+def family_label(family: IPFamily) -> str:
+    """The label value, as Kubernetes names the family ("IPv4", "IPv6")."""
+    return "IPv6" if family == IPFamily.V6 else "IPv4"
 
 
 class ServeError(OSError):
@@ -88,7 +107,9 @@ class ProxyMetrics:
             ProcessCollector(registry=registry)
 
         def histogram(name: str, doc: str, buckets: Iterable[float]) -> Histogram:
-            return Histogram(name, _ALPHA + doc, buckets=tuple(buckets), registry=registry)
+            return Histogram(
+                name, _ALPHA + doc, [FAMILY], buckets=tuple(buckets), registry=registry
+            )
 
         self.sync_duration = histogram(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -113,11 +134,13 @@ class ProxyMetrics:
         self.last_sync = Gauge(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             _ALPHA + "The last time proxy rules were successfully synced",
+            [FAMILY],
             registry=registry,
         )
         self.last_queued = Gauge(
             "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
             _ALPHA + "The last time a sync of proxy rules was queued",
+            [FAMILY],
             registry=registry,
         )
         self.endpoint_changes_pending = Gauge(
@@ -145,29 +168,32 @@ class ProxyMetrics:
         self.iptables_restore_failures = Counter(
             "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
             _ALPHA + "Cumulative proxy iptables restore failures",
+            [FAMILY],
             registry=registry,
         )
         self.iptables_partial_restore_failures = Counter(
             "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
             _ALPHA + "Cumulative proxy iptables partial restore failures",
+            [FAMILY],
             registry=registry,
         )
         self.nftables_sync_failures = Counter(
             "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
             _ALPHA + "Cumulative proxy nftables sync failures",
+            [FAMILY],
             registry=registry,
         )
         # A gauge despite the "_total" suffix, as upstream.
         self.iptables_rules = Gauge(
             "kubeproxy_sync_proxy_rules_iptables_total",
             _ALPHA + "Total number of iptables rules owned by kube-proxy",
-            ["table"],
+            [FAMILY, "table"],
             registry=registry,
         )
         self.no_local_endpoints = Gauge(
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
             _ALPHA + "Number of services with a Local traffic policy and no endpoints",
-            ["traffic_policy"],
+            [FAMILY, "traffic_policy"],
             registry=registry,
         )
         self.healthz = Counter(
@@ -180,6 +206,19 @@ class ProxyMetrics:
             "kubeproxy_proxy_livez_total",
             _ALPHA + "Cumulative proxy livez HTTP status",
             ["code"],
+            registry=registry,
+        )
+        self.conntrack_deleted = Counter(
+            "kubeproxy_conntrack_reconciler_deleted_entries_total",
+            _ALPHA + "Cumulative conntrack flows deleted by conntrack reconciler",
+            [FAMILY],
+            registry=registry,
+        )
+        self.conntrack_duration = Histogram(
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            _ALPHA + "ReconcileConntrackFlowsLatency latency in seconds",
+            [FAMILY],
+            buckets=SYNC_DURATION_BUCKETS,
             registry=registry,
         )
         self.sync_failures = Counter(
@@ -201,24 +240,53 @@ class ProxyMetrics:
             buckets=SYNC_DURATION_BUCKETS,
             registry=registry,
         )
+        self.conntrack_failures = Counter(
+            "kubeproxy_py_conntrack_cleanup_failures_total",
+            "Stale UDP conntrack cleanups that failed (retried at the next sync) (kube-proxy-py)",
+            registry=registry,
+        )
+        self.unsupported = Counter(
+            "kubeproxy_py_unsupported_total",
+            "Service ports using a feature the active backend does not program, counted once "
+            "per service and feature (kube-proxy-py)",
+            ["feature"],
+            registry=registry,
+        )
+        self.service_health_failures = Counter(
+            "kubeproxy_py_service_health_listen_failures_total",
+            "healthCheckNodePort servers that could not listen, e.g. port in use (kube-proxy-py)",
+            registry=registry,
+        )
+        self.service_health_servers = Gauge(
+            "kubeproxy_py_service_health_servers",
+            "healthCheckNodePort servers currently listening, one per service (kube-proxy-py)",
+            registry=registry,
+        )
         self._server: HttpServer | None = None
 
     # -- recording (the proxier's `SyncMetrics`, the handlers' bad-input sink) -----------
 
-    def observe_sync(self, seconds: float, *, full: bool) -> None:
+    def observe_sync(self, seconds: float, *, full: bool, family: IPFamily = IPFamily.V4) -> None:
         """One successful backend write took `seconds` (full or partial)."""
-        self.sync_duration.observe(seconds)
-        (self.sync_full_duration if full else self.sync_partial_duration).observe(seconds)
+        label = family_label(family)
+        self.sync_duration.labels(label).observe(seconds)
+        (self.sync_full_duration if full else self.sync_partial_duration).labels(label).observe(
+            seconds
+        )
 
-    def observe_network_programming(self, seconds: float) -> None:
+    def observe_network_programming(
+        self, seconds: float, *, family: IPFamily = IPFamily.V4
+    ) -> None:
         """A change (EndpointSlice trigger time) reached the kernel `seconds` after it was made."""
-        self.network_programming.observe(seconds)
+        self.network_programming.labels(family_label(family)).observe(seconds)
 
-    def set_last_sync_timestamp(self, unix_time: float) -> None:
-        self.last_sync.set(unix_time)
+    def set_last_sync_timestamp(self, unix_time: float, *, family: IPFamily = IPFamily.V4) -> None:
+        self.last_sync.labels(family_label(family)).set(unix_time)
 
-    def set_last_queued_timestamp(self, unix_time: float) -> None:
-        self.last_queued.set(unix_time)
+    def set_last_queued_timestamp(
+        self, unix_time: float, *, family: IPFamily = IPFamily.V4
+    ) -> None:
+        self.last_queued.labels(family_label(family)).set(unix_time)
 
     def set_pending_changes(self, *, services: int, endpoints: int) -> None:
         self.service_changes_pending.set(services)
@@ -230,28 +298,54 @@ class ProxyMetrics:
         if endpoints > 0:
             self.endpoint_changes.inc(endpoints)
 
-    def count_sync_failure(self, *, partial: bool) -> None:
+    def count_sync_failure(self, *, partial: bool, family: IPFamily = IPFamily.V4) -> None:
         """A backend sync failed: our counter, plus upstream's counter for this backend."""
         self.sync_failures.labels(self.backend or "unknown").inc()
+        label = family_label(family)
         if self.backend in ("iptables", "ipvs"):  # both apply with iptables-restore upstream
-            self.iptables_restore_failures.inc()
+            self.iptables_restore_failures.labels(label).inc()
             if partial and self.backend == "iptables":
-                self.iptables_partial_restore_failures.inc()
+                self.iptables_partial_restore_failures.labels(label).inc()
         elif self.backend == "nftables":
-            self.nftables_sync_failures.inc()
+            self.nftables_sync_failures.labels(label).inc()
 
-    def set_iptables_rules(self, table: str, count: int) -> None:
+    def set_iptables_rules(self, table: str, count: int, family: IPFamily | None = None) -> None:
         """Rules we own in one iptables table ("nat", "filter", "mangle") after a sync."""
-        self.iptables_rules.labels(table).set(count)
+        self.iptables_rules.labels(family_label(family or IPFamily.V4), table).set(count)
 
     def observe_phase(self, phase: str, seconds: float) -> None:
         """One phase of a backend sync ("render", "read", "write") took `seconds`."""
         self.sync_phases.labels(phase).observe(seconds)
 
-    def set_no_local_endpoints(self, *, internal: int, external: int) -> None:
+    def set_no_local_endpoints(
+        self, *, internal: int, external: int, family: IPFamily = IPFamily.V4
+    ) -> None:
         """Services with a Local traffic policy and no local endpoint, recounted each sync."""
-        self.no_local_endpoints.labels("internal").set(internal)
-        self.no_local_endpoints.labels("external").set(external)
+        label = family_label(family)
+        self.no_local_endpoints.labels(label, "internal").set(internal)
+        self.no_local_endpoints.labels(label, "external").set(external)
+
+    def count_conntrack_deleted(self, family: IPFamily, count: int) -> None:
+        """Stale UDP flows deleted after a sync (upstream's reconciler counter)."""
+        self.conntrack_deleted.labels(family_label(family)).inc(count)
+
+    def observe_conntrack_cleanup(self, family: IPFamily, seconds: float) -> None:
+        """One stale-flow cleanup of one family took `seconds`."""
+        self.conntrack_duration.labels(family_label(family)).observe(seconds)
+
+    def count_conntrack_failure(self) -> None:
+        self.conntrack_failures.inc()
+
+    def count_unsupported(self, feature: str) -> None:
+        """A service uses `feature`, which the active backend does not program."""
+        self.unsupported.labels(feature).inc()
+
+    def count_service_health_failure(self) -> None:
+        """A healthCheckNodePort server could not listen."""
+        self.service_health_failures.inc()
+
+    def set_service_health_servers(self, count: int) -> None:
+        self.service_health_servers.set(count)
 
     def count_skipped(self, resource: str, reason: str) -> None:
         """A malformed object (or part of one) was skipped, e.g. ("service", "bad-cluster-ip")."""

@@ -4,7 +4,8 @@ Flow, one way only:
 
     reflector threads --(parsed values)--> ChangeTracker --checkout--> Proxier.sync
         --> topology.categorize per dirty service --> desired state (dict)
-        --> backend.sync(ProxyState, SyncHint) --> metrics, health
+        --> backend.sync(ProxyState, SyncHint) per IP family --> metrics, health
+        --> after-sync hooks (stale UDP conntrack cleanup, health-check node ports)
 
 What a sync does (upstream's rules since partial syncs, KEP-3453):
 
@@ -59,6 +60,7 @@ from proxy.backends.base import Backend, BackendError
 from proxy.changes import ChangeTracker, Checkout, merge_endpoints
 from proxy.memory import freeze_long_lived, release_free_memory
 from proxy.model import (
+    IPFamily,
     NodeContext,
     NodeInfo,
     ProxyState,
@@ -78,28 +80,47 @@ FULL_SYNC_PERIOD = 3600.0
 
 
 class SyncMetrics(Protocol):
-    """The metrics the proxier reports (implemented by `proxy.metrics.ProxyMetrics`)."""
+    """The metrics the proxier reports (implemented by `proxy.metrics.ProxyMetrics`).
 
-    def observe_sync(self, seconds: float, *, full: bool) -> None: ...
-    def observe_network_programming(self, seconds: float) -> None: ...
-    def set_last_sync_timestamp(self, unix_time: float) -> None: ...
+    Per-family figures carry the lane's family, as upstream's per-family proxiers
+    report theirs with `ip_family`."""
+
+    def observe_sync(self, seconds: float, *, full: bool, family: IPFamily = ...) -> None: ...
+    def observe_network_programming(self, seconds: float, *, family: IPFamily = ...) -> None: ...
+    def set_last_sync_timestamp(self, unix_time: float, *, family: IPFamily = ...) -> None: ...
     def set_pending_changes(self, *, services: int, endpoints: int) -> None: ...
     def add_changes(self, *, services: int, endpoints: int) -> None: ...
-    def count_sync_failure(self, *, partial: bool) -> None: ...
-    def set_no_local_endpoints(self, *, internal: int, external: int) -> None: ...
+    def count_sync_failure(self, *, partial: bool, family: IPFamily = ...) -> None: ...
+    def set_no_local_endpoints(
+        self, *, internal: int, external: int, family: IPFamily = ...
+    ) -> None: ...
 
 
 class SyncHealth(Protocol):
     """The health signals the proxier gives (implemented by `proxy.health.ProxyHealth`)."""
 
-    def queued_update(self) -> None: ...
-    def updated(self) -> None: ...
+    def queued_update(self, family: IPFamily | None = None) -> None: ...
+    def updated(self, family: IPFamily | None = None) -> None: ...
+
+
+AfterSync = Callable[[ProxyState, SyncHint, IPFamily], None]
+"""Work that follows a committed sync of one family (stale conntrack cleanup,
+health-check servers).
+
+Called on the sync thread right after that family's backend accepted `hint`'s changes,
+with the state it was given; it must not keep `state.services` (a view of the
+proxier's dict) beyond the call. An exception is logged and does not fail the sync."""
+
+ServiceCheck = Callable[[ServiceKey, tuple[ServicePortState, ...]], None]
+"""Told each recomputed service's new port states (empty: deleted), e.g. to report
+features the backend does not program."""
 
 
 @dataclass(eq=False)
 class _Lane:
     """One backend (one IP family) and what it owes: see "Dual-stack" above."""
 
+    family: IPFamily
     backend: Backend
     unsynced: dict[ServicePortName, ServicePortState | None] = field(default_factory=dict)
     """Ports changed since this lane's last successful sync -> their state then (None: new)."""
@@ -108,6 +129,8 @@ class _Lane:
     last_full: float | None = None
     last_canary: float | None = None
     failures: int = 0
+    trigger_times: list[float] = field(default_factory=list)
+    """Trigger times of the changes this lane has not written yet (network programming)."""
 
 
 class Proxier:
@@ -117,7 +140,7 @@ class Proxier:
         self,
         *,
         backend: Backend | None = None,
-        backends: Sequence[Backend] = (),
+        backends: Sequence[tuple[IPFamily, Backend]] = (),
         tracker: ChangeTracker,
         node: NodeContext,
         metrics: SyncMetrics,
@@ -129,14 +152,20 @@ class Proxier:
         canary_period: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        after_sync: Sequence[AfterSync] = (),
+        check_service: ServiceCheck | None = None,
     ) -> None:
-        """`backend` (one family) or `backends` (one per family, primary first).
+        """`backend` (IPv4 only) or `backends` (one per family, primary first).
         `node` holds the node-wide settings; its addresses are replaced by the Node's
-        own once it is seen. `request_retry(delay)` asks the runner for a sync later."""
-        chosen = [*([backend] if backend is not None else []), *backends]
+        own once it is seen. `request_retry(delay)` asks the runner for a sync later.
+        `after_sync` hooks run, in order, after each family's committed sync;
+        `check_service` sees every recomputed service."""
+        chosen = [*([(IPFamily.V4, backend)] if backend is not None else []), *backends]
         if not chosen:
             raise ValueError("a proxier needs at least one backend")
-        self._lanes = [_Lane(b) for b in chosen]
+        self._lanes = [_Lane(family, b) for family, b in chosen]
+        self._after_sync = tuple(after_sync)
+        self._check_service = check_service
         self._tracker = tracker
         self._metrics = metrics
         self._health = health
@@ -157,7 +186,6 @@ class Proxier:
         self._zone: str | None = None
         self._desired: dict[ServicePortName, ServicePortState] = {}
         self._ports_of: dict[ServiceKey, tuple[ServicePortName, ...]] = {}
-        self._carried_trigger_times: list[float] = []
         self._no_local_internal: set[ServicePortName] = set()
         self._no_local_external: set[ServicePortName] = set()
         self.syncs = 0
@@ -191,10 +219,10 @@ class Proxier:
             return False
         started = self._clock()
         checkout = self._tracker.checkout()
-        # Until every lane succeeds, this checkout's trigger times stay owed to the metric.
-        self._carried_trigger_times.extend(
-            t for times in checkout.trigger_times.values() for t in times
-        )
+        # Until a lane succeeds, this checkout's trigger times stay owed to its metric.
+        triggers = [t for times in checkout.trigger_times.values() for t in times]
+        for lane in self._lanes:
+            lane.trigger_times.extend(triggers)
         try:
             return self._sync(checkout, started)
         except Exception as err:
@@ -239,6 +267,12 @@ class Proxier:
                 full = True
         node_changed = self._node != lane.synced_node
         if not full and not lane.unsynced and not node_changed:
+            # Nothing owed (changes that cancelled out): this family's kernel already
+            # matches, so the changes' trigger times are met now.
+            now_wall = self._wall_clock()
+            self._observe_programming(lane, now_wall)
+            self._metrics.set_last_sync_timestamp(now_wall, family=lane.family)
+            self._health.updated(lane.family)
             return None
         hint = SyncHint(
             full=full,
@@ -254,6 +288,12 @@ class Proxier:
             self._failed(lane, err, full=full)
             return False
         self._lane_succeeded(lane, started, full=full, changed=len(hint.changed))
+        for hook in self._after_sync:
+            try:
+                hook(state, hint, lane.family)
+            except Exception:
+                # The rules are committed; a follow-up job failing must not undo that.
+                log.exception("after-sync step %r failed", hook)
         return True
 
     def _take_node(self, info: NodeInfo) -> None:
@@ -292,6 +332,11 @@ class Proxier:
                 self._set_port(name, state)
             if new_states:
                 self._ports_of[key] = tuple(new_states)
+            if self._check_service is not None:
+                try:
+                    self._check_service(key, tuple(new_states.values()))
+                except Exception:  # a report, not the sync: never stop the sync for it
+                    log.exception("service %s: checking its features failed", key)
 
     def _compute(
         self, info: ServiceInfo | None, slices: tuple[SliceInfo, ...], node_name: str
@@ -338,12 +383,20 @@ class Proxier:
         _toggle(self._no_local_external, name, external)
 
     def _lane_succeeded(self, lane: _Lane, started: float, *, full: bool, changed: int) -> None:
+        family = lane.family
+        elapsed = self._clock() - started
+        self._metrics.observe_sync(elapsed, full=full, family=family)
+        now_wall = self._wall_clock()
+        self._observe_programming(lane, now_wall)
+        self._metrics.set_last_sync_timestamp(now_wall, family=family)
+        self._health.updated(family)
         if len(self._lanes) > 1:
             log.debug(
-                "%s synced %s: %d changed",
-                lane.backend.name,
+                "IPv%d synced %s: %d changed in %.1f ms",
+                family.value,
                 "fully" if full else "partially",
                 changed,
+                elapsed * 1000,
             )
         lane.unsynced.clear()
         lane.synced_node = self._node
@@ -353,12 +406,17 @@ class Proxier:
             lane.last_full = started
             lane.last_canary = started
 
+    def _observe_programming(self, lane: _Lane, now_wall: float) -> None:
+        for trigger in lane.trigger_times:
+            self._metrics.observe_network_programming(
+                max(0.0, now_wall - trigger), family=lane.family
+            )
+        lane.trigger_times = []
+
     def _round_succeeded(self, started: float, *, full: bool, wrote: bool, changed: int) -> None:
         """Every lane is in sync with the desired state: report it."""
-        now_wall = self._wall_clock()
         if wrote:
             elapsed = self._clock() - started
-            self._metrics.observe_sync(elapsed, full=full)
             self.syncs += 1
             log.info(
                 "synced %s: %d changed of %d service ports in %.1f ms",
@@ -367,16 +425,12 @@ class Proxier:
                 len(self._desired),
                 elapsed * 1000,
             )
-        for trigger in self._carried_trigger_times:
-            self._metrics.observe_network_programming(max(0.0, now_wall - trigger))
-        self._carried_trigger_times = []
         if full:
             release_free_memory()  # the transient peak of a full sync is over
+        # Counted over both families' endpoints (categorized apart), reported once.
         self._metrics.set_no_local_endpoints(
             internal=len(self._no_local_internal), external=len(self._no_local_external)
         )
-        self._metrics.set_last_sync_timestamp(now_wall)
-        self._health.updated()
         services, endpoints = self._tracker.pending()
         if services or endpoints:
             # Events arrived while we synced: they are still queued for health.
@@ -386,7 +440,7 @@ class Proxier:
     def _failed(self, lane: _Lane, err: BackendError, *, full: bool) -> None:
         lane.failures += 1
         lane.need_full = True
-        self._metrics.count_sync_failure(partial=not full)
+        self._metrics.count_sync_failure(partial=not full, family=lane.family)
         delay = min(self._max_retry, self._min_retry * 2 ** (lane.failures - 1))
         log.error(
             "%s sync failed (%s); retrying in %.1f s with a full sync",
@@ -396,7 +450,7 @@ class Proxier:
         )
         for line in err.offending_lines:
             log.error("  offending input: %s", line)
-        self._health.queued_update()
+        self._health.queued_update(lane.family)
         self._request_retry(delay)
 
     # -- read-only views for tests and the lab -------------------------------------------

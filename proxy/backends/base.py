@@ -18,6 +18,10 @@ Contract (what the proxier relies on, whatever the kernel API):
   sync should be proportional to the change, not to the number of services.
 - `drifted()` is cheap and is called on the periodic tick, not on every sync.
 - `cleanup()` removes everything the backend owns and nothing else.
+- A backend states which Service features it programs with a `supported_features`
+  attribute (a set of `Feature`); without one it is taken to support
+  `DEFAULT_FEATURES`. The core reports a Service using anything else; it does not
+  filter the state, so a backend must still ignore what it cannot render.
 - Never flush on start or exit: a backend's constructor touches no kernel state.
 - One backend serves one IP family (`BackendConfig.family`); a dual-stack node runs
   one per family (`proxy.app`). A backend may implement `FamilyProbe` to say, by
@@ -36,6 +40,7 @@ thread, never concurrently, so a backend needs no locking of its own.
 
 from __future__ import annotations
 
+import enum
 import importlib
 import logging
 import pkgutil
@@ -63,8 +68,9 @@ class UnknownBackendError(ValueError):
 class BackendMetrics(Protocol):
     """What a backend reports about its own work (implemented by `proxy.metrics`)."""
 
-    def set_iptables_rules(self, table: str, count: int) -> None:
-        """Rules we own in one iptables table after a successful sync (upstream's gauge)."""
+    def set_iptables_rules(self, table: str, count: int, family: IPFamily | None = None) -> None:
+        """Rules we own in one iptables table after a successful sync (upstream's gauge);
+        `family` defaults to the backend's own (the sink knows it)."""
 
     def observe_phase(self, phase: str, seconds: float) -> None:
         """Time spent in one phase of a sync ("render", "write", "read")."""
@@ -73,7 +79,7 @@ class BackendMetrics(Protocol):
 class NullBackendMetrics:
     """A metrics sink that drops everything (tests, `--cleanup`)."""
 
-    def set_iptables_rules(self, table: str, count: int) -> None:
+    def set_iptables_rules(self, table: str, count: int, family: IPFamily | None = None) -> None:
         pass
 
     def observe_phase(self, phase: str, seconds: float) -> None:
@@ -139,6 +145,37 @@ class Backend(Protocol):
 
     def drifted(self) -> bool:
         """True when the kernel lost our rules behind our back (a canary is missing)."""
+
+
+class Feature(enum.StrEnum):
+    """Service features a backend may or may not program (the `feature` metric label)."""
+
+    SESSION_AFFINITY = "session-affinity"
+    EXTERNAL_POLICY_LOCAL = "external-traffic-policy-local"
+    INTERNAL_POLICY_LOCAL = "internal-traffic-policy-local"
+    LOAD_BALANCER_IPS = "load-balancer-ips"
+    SOURCE_RANGES = "load-balancer-source-ranges"
+    EXTERNAL_IPS = "external-ips"
+    SCTP = "sctp"
+    IPV4 = "ipv4"
+    IPV6 = "ipv6"
+
+
+DEFAULT_FEATURES: frozenset[Feature] = frozenset(Feature)
+"""What a backend supports unless it says otherwise: the iptables backend's set."""
+
+
+def supported_features(backend: object) -> frozenset[Feature]:
+    """The features `backend` programs: its `supported_features` attribute (a class
+    attribute is enough), else `DEFAULT_FEATURES`.
+
+    The core logs and counts a Service that uses anything else (`proxy.features`); the
+    backend is still handed the whole state and ignores what it cannot render.
+    """
+    declared = getattr(backend, "supported_features", None)
+    if declared is None:
+        return DEFAULT_FEATURES
+    return frozenset(Feature(item) for item in declared)
 
 
 @runtime_checkable

@@ -10,6 +10,7 @@ from proxy import app
 from proxy.app import backend_config
 from proxy.backends.base import (
     BackendConfig,
+    Feature,
     IpvsOptions,
     NullBackendMetrics,
     UnknownBackendError,
@@ -75,3 +76,10 @@ def test_dual_stack_wherever_both_families_work_else_single_stack_with_the_reaso
     reasons[IPFamily.V4] = reasons[IPFamily.V6] = "nothing works"
     with pytest.raises(UnknownBackendError, match="neither IPv4 nor IPv6"):
         app.family_backends("iptables", config_for, NullBackendMetrics())
+
+
+def test_a_single_stack_node_does_not_claim_ipv6() -> None:
+    every = frozenset(Feature)
+    assert app.served_features(every, [IPFamily.V4]) == every - {Feature.IPV6}
+    assert app.served_features(every, [IPFamily.V4, IPFamily.V6]) == every
+    assert Feature.IPV4 not in app.served_features(every, [IPFamily.V6])

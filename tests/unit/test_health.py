@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.health import GO_ZERO_TIME, ProxyHealth, go_time_string
+from proxy.health import GO_ZERO_TIME, ProxyHealth, go_json_time
 from proxy.metrics import ProxyMetrics, ServeError
+from proxy.model import IPFamily
 
 EPOCH = 1714564800.0  # 2024-05-01 12:00:00 UTC
 TIMEOUT = 60.0  # 2 x the default 30 s sync period
@@ -103,16 +104,22 @@ def test_healthy_answers_report_last_updated_as_now(clocks: FakeClocks) -> None:
     health = clocks.health()
     health.updated()
     clocks.advance(1.5)
-    now = "2024-05-01 12:00:01.5 +0000 UTC"
+    now, last = "2024-05-01T12:00:01.5Z", "2024-05-01T12:00:00Z"
     healthz = health.healthz()
     assert (healthz.status, healthz.content_type) == (200, "application/json")
     assert healthz.headers == {"X-Content-Type-Options": "nosniff"}
+    # Go's json.Marshal of upstream's ProxyHealth: compact, in field order; the
+    # per-family lastUpdated is the real one.
+    family = f'"status":{{"IPv4":{{"lastUpdated":"{last}","healthy":true}}}}'
     assert healthz.body.decode() == (
-        f'{{"lastUpdated": "{now}","currentTime": "{now}", "nodeEligible": true}}'
+        f'{{"lastUpdated":"{now}","currentTime":"{now}","nodeEligible":true,'
+        f'"healthy":true,{family}}}'
     )
     livez = health.livez()
     assert livez.status == 200
-    assert livez.body.decode() == f'{{"lastUpdated": "{now}","currentTime": "{now}"}}'
+    assert livez.body.decode() == (
+        f'{{"lastUpdated":"{now}","currentTime":"{now}","healthy":true,{family}}}'
+    )
 
 
 def test_unhealthy_answers_report_the_last_update(clocks: FakeClocks) -> None:
@@ -121,14 +128,24 @@ def test_unhealthy_answers_report_the_last_update(clocks: FakeClocks) -> None:
     clocks.advance(0.25)
     health.queued_update()
     clocks.advance(TIMEOUT)
-    last, now = "2024-05-01 12:00:00 +0000 UTC", "2024-05-01 12:01:00.25 +0000 UTC"
+    last, now = "2024-05-01T12:00:00Z", "2024-05-01T12:01:00.25Z"
     healthz = health.healthz()
     assert healthz.status == 503
+    family = f'"status":{{"IPv4":{{"lastUpdated":"{last}","healthy":false}}}}'
     assert healthz.body.decode() == (
-        f'{{"lastUpdated": "{last}","currentTime": "{now}", "nodeEligible": true}}'
+        f'{{"lastUpdated":"{last}","currentTime":"{now}","nodeEligible":true,'
+        f'"healthy":false,{family}}}'
     )
     livez = health.livez()
-    assert (livez.status, body(livez.body)) == (503, {"lastUpdated": last, "currentTime": now})
+    assert (livez.status, body(livez.body)) == (
+        503,
+        {
+            "lastUpdated": last,
+            "currentTime": now,
+            "healthy": False,
+            "status": {"IPv4": {"lastUpdated": last, "healthy": False}},
+        },
+    )
 
 
 def test_an_ineligible_node_fails_healthz_but_not_livez(clocks: FakeClocks) -> None:
@@ -140,7 +157,8 @@ def test_an_ineligible_node_fails_healthz_but_not_livez(clocks: FakeClocks) -> N
     healthz = health.healthz()
     assert healthz.status == 503
     assert body(healthz.body)["nodeEligible"] is False
-    assert body(healthz.body)["lastUpdated"] == "2024-05-01 12:00:00 +0000 UTC"
+    assert body(healthz.body)["healthy"] is True  # the proxier's own health, as upstream
+    assert body(healthz.body)["lastUpdated"] == "2024-05-01T12:00:00Z"
     assert health.livez().status == 200
     health.sync_node(True)
     assert health.healthz().status == 200
@@ -149,8 +167,29 @@ def test_an_ineligible_node_fails_healthz_but_not_livez(clocks: FakeClocks) -> N
 def test_an_ineligible_node_that_never_synced_reports_go_zero_time(clocks: FakeClocks) -> None:
     health = clocks.health()
     health.sync_node(False)
-    last_updated = body(health.healthz().body)["lastUpdated"]
-    assert last_updated == GO_ZERO_TIME == "0001-01-01 00:00:00 +0000 UTC"
+    answer = body(health.healthz().body)
+    assert answer["lastUpdated"] == GO_ZERO_TIME == "0001-01-01T00:00:00Z"
+    assert "status" not in answer  # omitempty: no family has synced
+
+
+def test_one_late_family_makes_the_proxy_unhealthy(clocks: FakeClocks) -> None:
+    health = ProxyHealth(
+        timeout=TIMEOUT,
+        clock=lambda: clocks.mono,
+        wall_clock=lambda: clocks.wall,
+        families=(IPFamily.V4, IPFamily.V6),
+    )
+    health.updated()
+    health.queued_update(IPFamily.V6)
+    clocks.advance(TIMEOUT)
+    answer = body(health.livez().body)
+    assert answer["healthy"] is False
+    assert answer["status"] == {
+        "IPv4": {"lastUpdated": "2024-05-01T12:00:00Z", "healthy": True},
+        "IPv6": {"lastUpdated": "2024-05-01T12:00:00Z", "healthy": False},
+    }
+    health.updated(IPFamily.V6)
+    assert health.is_healthy()
 
 
 def test_answers_are_counted(clocks: FakeClocks) -> None:
@@ -170,15 +209,15 @@ def test_answers_are_counted(clocks: FakeClocks) -> None:
 @pytest.mark.parametrize(
     ("unix_time", "text"),
     [
-        (EPOCH, "2024-05-01 12:00:00 +0000 UTC"),
-        (EPOCH + 0.123456, "2024-05-01 12:00:00.123456 +0000 UTC"),
-        (EPOCH + 0.1, "2024-05-01 12:00:00.1 +0000 UTC"),
-        (EPOCH + 59.5, "2024-05-01 12:00:59.5 +0000 UTC"),
-        (0.0, "1970-01-01 00:00:00 +0000 UTC"),
+        (EPOCH, "2024-05-01T12:00:00Z"),
+        (EPOCH + 0.123456, "2024-05-01T12:00:00.123456Z"),
+        (EPOCH + 0.1, "2024-05-01T12:00:00.1Z"),
+        (EPOCH + 59.5, "2024-05-01T12:00:59.5Z"),
+        (0.0, "1970-01-01T00:00:00Z"),
     ],
 )
-def test_go_time_strings(unix_time: float, text: str) -> None:
-    assert go_time_string(unix_time) == text
+def test_go_json_times(unix_time: float, text: str) -> None:
+    assert go_json_time(unix_time) == text
 
 
 # -- the HTTP server ---------------------------------------------------------------------

@@ -17,6 +17,10 @@ from proxy.metrics import (
     ServeError,
     go_float,
 )
+from proxy.model import IPFamily
+
+V4 = (("ip_family", "IPv4"),)
+V6 = (("ip_family", "IPv6"),)
 
 UPSTREAM = {
     "kubeproxy_sync_proxy_rules_duration_seconds": "histogram",
@@ -36,11 +40,17 @@ UPSTREAM = {
     "kubeproxy_sync_proxy_rules_no_local_endpoints_total": "gauge",
     "kubeproxy_proxy_healthz_total": "counter",
     "kubeproxy_proxy_livez_total": "counter",
+    "kubeproxy_conntrack_reconciler_deleted_entries_total": "counter",
+    "kubeproxy_conntrack_reconciler_sync_duration_seconds": "histogram",
 }
 OURS = {
     "kubeproxy_py_sync_failures_total": "counter",
     "kubeproxy_py_skipped_objects_total": "counter",
     "kubeproxy_py_sync_phase_duration_seconds": "histogram",
+    "kubeproxy_py_conntrack_cleanup_failures_total": "counter",
+    "kubeproxy_py_unsupported_total": "counter",
+    "kubeproxy_py_service_health_listen_failures_total": "counter",
+    "kubeproxy_py_service_health_servers": "gauge",
 }
 
 # Upstream's `le` strings, as Go writes them.
@@ -80,6 +90,14 @@ def touched() -> ProxyMetrics:
     metrics.count_livez(503)
     metrics.count_sync_failure(partial=True)
     metrics.count_skipped("service", "bad-cluster-ip")
+    metrics.observe_sync(0.01, full=True)
+    metrics.observe_sync(0.01, full=False)
+    metrics.observe_network_programming(0.1)
+    metrics.set_last_sync_timestamp(1.0)
+    metrics.set_last_queued_timestamp(1.0)
+    metrics.count_conntrack_deleted(IPFamily.V4, 1)
+    metrics.observe_conntrack_cleanup(IPFamily.V4, 0.01)
+    metrics.count_unsupported("ipv6")
     return metrics
 
 
@@ -134,22 +152,20 @@ def test_instances_do_not_share_state() -> None:
 
 def test_sync_duration_buckets_are_upstreams() -> None:
     assert len(SYNC_DURATION_BUCKETS) == 15
-    metrics = ProxyMetrics(process_metrics=False)
+    metrics = touched()
     for name in (
         "kubeproxy_sync_proxy_rules_duration_seconds",
         "kubeproxy_sync_full_proxy_rules_duration_seconds",
         "kubeproxy_sync_partial_proxy_rules_duration_seconds",
     ):
         lines = sample_lines(metrics, f"{name}_bucket")
-        assert [line.split('"')[1] for line in lines] == SYNC_LE
+        assert [line.split('"')[3] for line in lines] == SYNC_LE
 
 
 def test_network_programming_buckets_are_upstreams_including_the_zero_bucket() -> None:
     assert len(NETWORK_PROGRAMMING_BUCKETS) == 81
-    lines = sample_lines(
-        ProxyMetrics(process_metrics=False), "kubeproxy_network_programming_duration_seconds_bucket"
-    )
-    assert [line.split('"')[1] for line in lines] == NETWORK_LE
+    lines = sample_lines(touched(), "kubeproxy_network_programming_duration_seconds_bucket")
+    assert [line.split('"')[3] for line in lines] == NETWORK_LE
 
 
 @pytest.mark.parametrize(
@@ -171,14 +187,16 @@ def test_full_and_partial_syncs_go_to_their_own_histograms() -> None:
     metrics.observe_sync(0.003, full=True)
     metrics.observe_sync(0.5, full=False)
     metrics.observe_sync(0.5, full=False)
+    metrics.observe_sync(0.5, full=False, family=IPFamily.V6)
     values = samples(metrics)
-    assert values[("kubeproxy_sync_proxy_rules_duration_seconds_count", ())] == 3
-    assert values[("kubeproxy_sync_full_proxy_rules_duration_seconds_count", ())] == 1
-    assert values[("kubeproxy_sync_partial_proxy_rules_duration_seconds_count", ())] == 2
+    assert values[("kubeproxy_sync_proxy_rules_duration_seconds_count", V4)] == 3
+    assert values[("kubeproxy_sync_full_proxy_rules_duration_seconds_count", V4)] == 1
+    assert values[("kubeproxy_sync_partial_proxy_rules_duration_seconds_count", V4)] == 2
+    assert values[("kubeproxy_sync_partial_proxy_rules_duration_seconds_count", V6)] == 1
     bucket = "kubeproxy_sync_proxy_rules_duration_seconds_bucket"
-    assert values[(bucket, (("le", "0.002"),))] == 0
-    assert values[(bucket, (("le", "0.004"),))] == 1
-    assert values[(bucket, (("le", "0.512"),))] == 3
+    assert values[(bucket, (("ip_family", "IPv4"), ("le", "0.002")))] == 0
+    assert values[(bucket, (("ip_family", "IPv4"), ("le", "0.004")))] == 1
+    assert values[(bucket, (("ip_family", "IPv4"), ("le", "0.512")))] == 3
 
 
 def test_changes_timestamps_and_network_programming() -> None:
@@ -194,11 +212,11 @@ def test_changes_timestamps_and_network_programming() -> None:
     assert values[("kubeproxy_sync_proxy_rules_endpoint_changes_total", ())] == 6
     assert values[("kubeproxy_sync_proxy_rules_service_changes_pending", ())] == 3
     assert values[("kubeproxy_sync_proxy_rules_endpoint_changes_pending", ())] == 4
-    assert values[("kubeproxy_sync_proxy_rules_last_timestamp_seconds", ())] == 1714564800.5
-    assert values[("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", ())] == 1714564799.0
+    assert values[("kubeproxy_sync_proxy_rules_last_timestamp_seconds", V4)] == 1714564800.5
+    assert values[("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", V4)] == 1714564799.0
     bucket = "kubeproxy_network_programming_duration_seconds_bucket"
-    assert values[(bucket, (("le", "0.25"),))] == 0
-    assert values[(bucket, (("le", "0.5"),))] == 1
+    assert values[(bucket, (("ip_family", "IPv4"), ("le", "0.25")))] == 0
+    assert values[(bucket, (("ip_family", "IPv4"), ("le", "0.5")))] == 1
 
 
 @pytest.mark.parametrize(
@@ -218,9 +236,11 @@ def test_sync_failures_move_the_backends_upstream_counter(
     metrics.count_sync_failure(partial=False)
     values = samples(metrics)
     prefix = "kubeproxy_sync_proxy_rules_"
-    assert values[(f"{prefix}iptables_restore_failures_total", ())] == restore
-    assert values[(f"{prefix}iptables_partial_restore_failures_total", ())] == partial_restore
-    assert values[(f"{prefix}nftables_sync_failures_total", ())] == nftables
+    assert values.get((f"{prefix}iptables_restore_failures_total", V4), 0) == restore
+    assert values.get((f"{prefix}iptables_partial_restore_failures_total", V4), 0) == (
+        partial_restore
+    )
+    assert values.get((f"{prefix}nftables_sync_failures_total", V4), 0) == nftables
     label = (("backend", backend or "unknown"),)
     assert values[("kubeproxy_py_sync_failures_total", label)] == 2
 
@@ -231,15 +251,50 @@ def test_labelled_gauges_and_counters() -> None:
     metrics.set_iptables_rules("filter", 3)
     metrics.count_skipped("service", "bad-cluster-ip")
     values = samples(metrics)
-    assert values[("kubeproxy_sync_proxy_rules_iptables_total", (("table", "nat"),))] == 12
-    assert values[("kubeproxy_sync_proxy_rules_iptables_total", (("table", "filter"),))] == 3
+    rules = "kubeproxy_sync_proxy_rules_iptables_total"
+    assert values[(rules, (("ip_family", "IPv4"), ("table", "nat")))] == 12
+    assert values[(rules, (("ip_family", "IPv4"), ("table", "filter")))] == 3
     no_local = "kubeproxy_sync_proxy_rules_no_local_endpoints_total"
-    assert values[(no_local, (("traffic_policy", "internal"),))] == 1
-    assert values[(no_local, (("traffic_policy", "external"),))] == 2
+    assert values[(no_local, (("ip_family", "IPv4"), ("traffic_policy", "internal")))] == 1
+    assert values[(no_local, (("ip_family", "IPv4"), ("traffic_policy", "external")))] == 2
     assert values[("kubeproxy_proxy_healthz_total", (("code", "200"),))] == 1
     assert values[("kubeproxy_proxy_livez_total", (("code", "503"),))] == 1
     skipped = (("reason", "bad-cluster-ip"), ("resource", "service"))
     assert values[("kubeproxy_py_skipped_objects_total", skipped)] == 2
+
+
+def test_conntrack_unsupported_and_service_health_metrics() -> None:
+    metrics = ProxyMetrics(process_metrics=False)
+    metrics.count_conntrack_deleted(IPFamily.V4, 3)
+    metrics.count_conntrack_deleted(IPFamily.V6, 1)
+    metrics.observe_conntrack_cleanup(IPFamily.V4, 0.003)
+    metrics.count_conntrack_failure()
+    metrics.count_unsupported("ipv6")
+    metrics.count_unsupported("ipv6")
+    metrics.count_service_health_failure()
+    metrics.set_service_health_servers(2)
+    values = samples(metrics)
+    deleted = "kubeproxy_conntrack_reconciler_deleted_entries_total"
+    assert values[(deleted, V4)] == 3
+    assert values[(deleted, V6)] == 1
+    assert values[("kubeproxy_conntrack_reconciler_sync_duration_seconds_count", V4)] == 1
+    assert values[("kubeproxy_py_conntrack_cleanup_failures_total", ())] == 1
+    assert values[("kubeproxy_py_unsupported_total", (("feature", "ipv6"),))] == 2
+    assert values[("kubeproxy_py_service_health_listen_failures_total", ())] == 1
+    assert values[("kubeproxy_py_service_health_servers", ())] == 2
+
+
+def test_ip_family_label_only_where_upstream_has_it() -> None:
+    text = exposed(touched())
+    labelled = {
+        line.split("{")[0]
+        for line in text.splitlines()
+        if not line.startswith("#") and 'ip_family="' in line
+    }
+    bare = {name.removesuffix("_total") for name in labelled}
+    assert "kubeproxy_sync_proxy_rules_duration_seconds_count" in labelled
+    assert "kubeproxy_conntrack_reconciler_deleted_entries" in bare
+    assert not any("changes" in name or "healthz" in name for name in labelled)
 
 
 # -- the HTTP server ---------------------------------------------------------------------

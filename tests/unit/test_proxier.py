@@ -9,7 +9,7 @@ from proxy.backends.base import BackendError
 from proxy.changes import ChangeTracker
 from proxy.handlers import ServiceHandler, SliceHandler
 from proxy.health import ProxyHealth
-from proxy.model import NodeContext, NodeInfo, ProxyState, ServiceKey, SyncHint
+from proxy.model import IPFamily, NodeContext, NodeInfo, ProxyState, ServiceKey, SyncHint
 from proxy.proxier import Proxier
 
 
@@ -53,14 +53,18 @@ class FakeMetrics:
         self.failures: list[bool] = []
         self.changes = [0, 0]
         self.no_local = (-1, -1)
+        self.programming_families: list[IPFamily] = []
 
-    def observe_sync(self, seconds: float, *, full: bool) -> None:
+    def observe_sync(self, seconds: float, *, full: bool, family: IPFamily = IPFamily.V4) -> None:
         self.syncs.append((seconds, full))
 
-    def observe_network_programming(self, seconds: float) -> None:
+    def observe_network_programming(
+        self, seconds: float, *, family: IPFamily = IPFamily.V4
+    ) -> None:
         self.programming.append(seconds)
+        self.programming_families.append(family)
 
-    def set_last_sync_timestamp(self, unix_time: float) -> None:
+    def set_last_sync_timestamp(self, unix_time: float, *, family: IPFamily = IPFamily.V4) -> None:
         pass
 
     def set_pending_changes(self, *, services: int, endpoints: int) -> None:
@@ -70,10 +74,12 @@ class FakeMetrics:
         self.changes[0] += services
         self.changes[1] += endpoints
 
-    def count_sync_failure(self, *, partial: bool) -> None:
+    def count_sync_failure(self, *, partial: bool, family: IPFamily = IPFamily.V4) -> None:
         self.failures.append(partial)
 
-    def set_no_local_endpoints(self, *, internal: int, external: int) -> None:
+    def set_no_local_endpoints(
+        self, *, internal: int, external: int, family: IPFamily = IPFamily.V4
+    ) -> None:
         self.no_local = (internal, external)
 
 
@@ -81,12 +87,14 @@ class FakeHealth:
     def __init__(self) -> None:
         self.queued = 0
         self.updated_count = 0
+        self.updated_families: list[IPFamily | None] = []
 
-    def queued_update(self) -> None:
+    def queued_update(self, family: IPFamily | None = None) -> None:
         self.queued += 1
 
-    def updated(self) -> None:
+    def updated(self, family: IPFamily | None = None) -> None:
         self.updated_count += 1
+        self.updated_families.append(family)
 
 
 def svc(name: str, ip: str, port: int = 80, node_port: int | None = None) -> dict[str, Any]:
@@ -433,7 +441,7 @@ class DualHarness(Harness):
         super().__init__()
         self.v6 = RecordingBackend()
         self.proxier = Proxier(
-            backends=[self.backend, self.v6],
+            backends=[(IPFamily.V4, self.backend), (IPFamily.V6, self.v6)],
             tracker=self.tracker,
             node=NodeContext("n1", ("198.18.0.2", "2001:2::2"), ("198.18.64.0/18",)),
             metrics=self.metrics,
@@ -473,10 +481,13 @@ def test_a_family_whose_kernel_refuses_is_retried_fully_alone() -> None:
     h = synced(DualHarness())
     assert [hint.full for _, hint in h.backend.calls] == [True]
     assert [hint.full for _, hint in h.v6.calls] == [True]
+    assert h.health.updated_families == [IPFamily.V4, IPFamily.V6]
     h.v6.fail_next = 1
-    h.slices.on_update({}, eps("web", "198.18.64.5", "198.18.64.6"))
+    h.slices.on_update({}, eps("web", "198.18.64.5", "198.18.64.6", trigger="2033-05-18T03:33:19Z"))
     h.proxier.sync()
-    assert h.health.updated_count == 1  # the round failed: not healthy-updated
+    # Only the family that wrote its change is fresh; IPv6's change is still queued.
+    assert h.health.updated_families[2:] == [IPFamily.V4]
+    assert h.metrics.programming_families == [IPFamily.V4]
     h.slices.on_update({}, eps("web", "198.18.64.6"))
     h.proxier.sync()
     v4_hints = [hint for _, hint in h.backend.calls]
@@ -490,7 +501,9 @@ def test_a_family_whose_kernel_refuses_is_retried_fully_alone() -> None:
         "198.18.64.6"
     )
     assert h.metrics.failures == [True]
-    assert h.health.updated_count == 2
+    assert h.health.updated_families[3:] == [IPFamily.V4, IPFamily.V6]
+    # Each family observes the change's trigger time once, when it has written it.
+    assert h.metrics.programming_families == [IPFamily.V4, IPFamily.V6]
 
 
 def test_each_family_falls_back_to_terminating_endpoints_on_its_own() -> None:
@@ -508,3 +521,39 @@ def test_each_family_falls_back_to_terminating_endpoints_on_its_own() -> None:
     state, _ = h.v6.calls[-1]
     (port_state,) = state.values()
     assert [e.ip for e in port_state.cluster_endpoints] == ["198.18.64.5", "2001:2:0:40::5"]
+
+
+# -- after-sync hooks and service checks -------------------------------------------------
+
+
+def test_after_sync_hooks_run_after_a_committed_sync_only_and_cannot_fail_it() -> None:
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def record(state: ProxyState, hint: SyncHint, _family: IPFamily) -> None:
+        seen.append((sorted(str(n) for n in state.services), sorted(str(n) for n in hint.changed)))
+
+    def broken(_state: ProxyState, _hint: SyncHint, _family: IPFamily) -> None:
+        raise RuntimeError("bug in a hook")
+
+    h = synced(Harness(after_sync=(broken, record)))
+    assert seen == [(["ns/api:http", "ns/web:http"], ["ns/api:http", "ns/web:http"])]
+    assert h.backend.calls[-1][1].full
+
+    # A failed backend sync runs no hook: the kernel still has the old rules.
+    h.backend.fail_next = 1
+    h.slices.on_update({}, eps("web", "198.18.64.5", "198.18.64.6"))
+    h.proxier.sync()
+    assert len(seen) == 1
+    # The retry commits, and the hooks see the change with its previous state.
+    h.proxier.sync()
+    assert seen[-1][1] == ["ns/web:http"]
+    assert h.retries == [1.0]  # the broken hook caused no extra failure
+
+
+def test_every_recomputed_service_is_checked_with_its_new_ports() -> None:
+    checked: list[tuple[str, int]] = []
+    h = synced(Harness(check_service=lambda key, states: checked.append((str(key), len(states)))))
+    assert sorted(checked) == [("ns/api", 1), ("ns/web", 1)]
+    h.services.on_delete(svc("api", "198.19.0.11"))
+    h.proxier.sync()
+    assert checked[-1] == ("ns/api", 0)
