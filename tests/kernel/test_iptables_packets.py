@@ -385,6 +385,7 @@ def test_drift_is_detected_and_a_full_sync_repairs_it(
 
 
 EXTERNAL: dict[str, Any] = {"node_port": 30090, "external_ips": ("198.19.200.11",)}
+BOTH_LOCAL: dict[str, Any] = {"external_policy_local": True, **EXTERNAL}
 LB_RANGES: dict[str, Any] = {
     "load_balancer_ips": ("198.19.200.12",),
     "load_balancer_source_ranges": ("198.18.0.0/24",),
@@ -457,6 +458,7 @@ def test_partial_syncs_end_where_a_full_sync_would(
             *web(pods[1:]),
             feat(pods[1:], pods[0], internal_policy_local=True, session_affinity_seconds=60),
         ],
+        [*web(pods[1:]), feat(pods, pods[0], internal_policy_local=True, **BOTH_LOCAL)],
         # removed, a service that never had endpoints, and one with several features
         [*web(pods[1:]), *empty(), feat(pods, pods[0], session_affinity_seconds=60, **LB_RANGES)],
     ]

@@ -266,6 +266,30 @@ def test_external_local_without_a_local_endpoint_drops_outside_traffic(
         assert pods_of(answers(packet_lab, "pod2", dst, port, proto, 6)) <= {"pod0", "pod1", "pod2"}
 
 
+@pytest.mark.feature("external-traffic-policy-local")
+@pytest.mark.parametrize("proto", PROTOS)
+def test_both_policies_local_still_short_circuit_pods_to_every_endpoint(
+    packet_lab: Lab, backend: Driven, proto: Proto
+) -> None:
+    """internalTrafficPolicy Local as well: the ClusterIP and outside clients use pod0
+    only, while pods reaching the external addresses get the cluster-wide set."""
+    port = service_port(
+        "both",
+        proto,
+        node_port=NODE_PORT[proto],
+        load_balancer_ips=(LB_IP,),
+        external_policy_local=True,
+        internal_policy_local=True,
+    )
+    backend.sync(
+        state(categorized(port, endpoints(packet_lab, proto, ["pod0"], ["pod1", "pod2"]))), FULL
+    )
+    assert pods_of(answers(packet_lab, "pod2", VIP, SERVICE_PORT[proto], proto, 12)) == {"pod0"}
+    assert pods_of(answers(packet_lab, "client", LB_IP, SERVICE_PORT[proto], proto, 12)) == {"pod0"}
+    from_pod = answers(packet_lab, "pod2", LB_IP, SERVICE_PORT[proto], proto, REQUESTS)
+    assert pods_of(from_pod) == {"pod0", "pod1", "pod2"}
+
+
 # ---------------------------------------------------------------- internalTrafficPolicy
 
 

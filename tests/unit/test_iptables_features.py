@@ -220,6 +220,32 @@ def test_external_local_without_a_local_endpoint_drops_outside_traffic(
     assert send(fake, POD, dst, dport).endpoints == {f"{REMOTE_EP}:8080"}
 
 
+def test_both_policies_local_short_circuit_pods_to_the_cluster_wide_endpoints() -> None:
+    """Upstream's chains for it: KPY-SVL holds the local endpoints (ClusterIP and
+    outside traffic), KPY-SVC the cluster-wide ones, for the short-circuit only."""
+    port = local_policy(internal_policy_local=True)
+    fake = synced(port)
+    assert send(fake, POD, VIP, 80).endpoints == {f"{LOCAL_EP}:8080"}
+    assert send(fake, OUTSIDE, LB_IP, 80).endpoints == {f"{LOCAL_EP}:8080"}
+    assert send(fake, POD, LB_IP, 80).endpoints == {f"{LOCAL_EP}:8080", f"{REMOTE_EP}:8080"}
+    node = send(fake, NODE_IP, NODE_IP, NODE_PORT, hook="output")
+    assert node.endpoints == {f"{LOCAL_EP}:8080", f"{REMOTE_EP}:8080"}
+    suffix = render.port_hash(port.name)
+    assert {render.SVC_PREFIX + suffix, render.SVL_PREFIX + suffix} <= set(fake.chains("nat"))
+    # No local endpoint: the ClusterIP drops, outside traffic drops, pods still get in.
+    none_here = state(
+        eps=endpoints((), (REMOTE_EP,)),
+        node_port=NODE_PORT,
+        load_balancer_ips=(LB_IP,),
+        internal_policy_local=True,
+        external_policy_local=True,
+    )
+    fake = synced(none_here)
+    assert send(fake, POD, VIP, 80).verdicts == {"DROP"}
+    assert send(fake, OUTSIDE, LB_IP, 80).verdicts == {"DROP"}
+    assert send(fake, POD, LB_IP, 80).endpoints == {f"{REMOTE_EP}:8080"}
+
+
 def test_external_cluster_policy_masquerades_external_ip_traffic() -> None:
     fake = synced(state(eps=endpoints((LOCAL_EP,), (REMOTE_EP,)), external_ips=(EXTERNAL_IP,)))
     flow = send(fake, OUTSIDE, EXTERNAL_IP, 80)
@@ -362,6 +388,7 @@ def test_partial_syncs_of_every_feature_end_where_a_full_sync_would() -> None:
             external_policy_local=True,
         ),
         state(eps=endpoints((), (REMOTE_EP,)), internal_policy_local=True),
+        local_policy(internal_policy_local=True, session_affinity_seconds=30),
         state(external_ips=(EXTERNAL_IP,), load_balancer_ips=(LB_IP,), node_port=NODE_PORT),
         state(eps=endpoints((LOCAL_EP,)), external_ips=(EXTERNAL_IP,)),
     ]

@@ -570,6 +570,16 @@ class _PortPlan:
     external_chain: str | None
     ext: str | None
     fw: str | None
+    short: list[_Target]
+    """Where pods and the node are short-circuited with externalTrafficPolicy Local."""
+    short_chain: str | None
+
+    def own_short_chain(self) -> bool:
+        """The short-circuit chain is a chain of its own (both traffic policies Local)."""
+        return self.short_chain is not None and self.short_chain not in (
+            self.cluster_chain,
+            self.external_chain,
+        )
 
     def chains(self) -> list[str]:
         """The nat chains of the port, in `render_port` order."""
@@ -578,6 +588,8 @@ class _PortPlan:
             chains.append(self.cluster_chain)
         if self.external_chain is not None and self.external_chain != self.cluster_chain:
             chains.append(self.external_chain)
+        if self.short_chain is not None and self.own_short_chain():
+            chains.append(self.short_chain)
         if self.ext is not None:
             chains.append(self.ext)
         if self.fw is not None:
@@ -586,10 +598,12 @@ class _PortPlan:
         return chains
 
     def reachable(self) -> list[_Target]:
-        """Every endpoint either chain can land on, each once."""
-        if self.external is self.cluster or not self.external:
+        """Every endpoint a chain of the port can land on, each once."""
+        short = self.short if self.own_short_chain() else []
+        if (self.external is self.cluster or not self.external) and not short:
             return self.cluster
-        return list({row[2]: row for row in (*self.cluster, *self.external)}.values())
+        rows = (*self.cluster, *self.external, *short)
+        return list({row[2]: row for row in rows}.values())
 
 
 def _plan(name: ServicePortName, state: ServicePortState, ctx: RenderContext) -> _PortPlan:
@@ -607,6 +621,13 @@ def _plan(name: ServicePortName, state: ServicePortState, ctx: RenderContext) ->
     lb_ips = _same_family(port.load_balancer_ips, v6)
     ranges = _same_family(port.load_balancer_source_ranges, v6)
     cluster_chain = SVC_PREFIX + suffix if cluster else None
+    short, short_chain = cluster, cluster_chain
+    if state.short_circuit_endpoints is not None:
+        # Both traffic policies Local: as upstream, the local endpoints are KPY-SVL and
+        # the cluster-wide ones, for the short-circuit only, KPY-SVC.
+        cluster_chain = SVL_PREFIX + suffix if cluster else None
+        short = _targets(state.short_circuit_endpoints, hash_base, v6)
+        short_chain = SVC_PREFIX + suffix if short else None
     # The external path gets its own endpoint chain only when its set differs.
     if not external:
         external_chain = None
@@ -631,6 +652,8 @@ def _plan(name: ServicePortName, state: ServicePortState, ctx: RenderContext) ->
         external_chain=external_chain,
         ext=ext,
         fw=fw,
+        short=short,
+        short_chain=short_chain,
     )
 
 
@@ -683,6 +706,8 @@ def render_port(
         )
     if external_chain is not None and external_chain != cluster_chain:
         nat.extend(_cascade(external_chain, cascade_comment, plan.external, affinity))
+    if plan.short_chain is not None and plan.own_short_chain():
+        nat.extend(_cascade(plan.short_chain, cascade_comment, plan.short, affinity))
 
     # With no endpoint for external traffic: REJECT when there is none at all, DROP
     # when externalTrafficPolicy Local leaves none on this node.
@@ -729,7 +754,7 @@ def render_port(
                 ext,
                 comment,
                 policy_local=port.external_policy_local,
-                cluster_chain=cluster_chain,
+                cluster_chain=plan.short_chain,
                 external_chain=external_chain,
                 ctx=ctx,
             )
