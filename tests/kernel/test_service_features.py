@@ -192,6 +192,21 @@ def test_session_affinity_pins_a_client_to_one_endpoint(
 
 
 @pytest.mark.feature("session-affinity")
+def test_session_affinity_expires_after_its_timeout(packet_lab: Lab, backend: Driven) -> None:
+    """timeoutSeconds 1: probes 1.3 s apart each find the entry expired and choose
+    afresh; had the timeout been ignored all 11 would land on one endpoint, which
+    random choices do with P = 3**-10 (about 2e-5)."""
+    port = service_port("sticky", "tcp", session_affinity_seconds=1)
+    eps = endpoints(packet_lab, "tcp", ["pod0", "pod1", "pod2"])
+    backend.sync(state(categorized(port, eps)), FULL)
+    seen: list[str] = []
+    for _ in range(11):
+        seen.extend(r.pod for r in answers(packet_lab, "client", VIP, 80, "tcp", 1))
+        time.sleep(1.3)
+    assert len(set(seen)) > 1, seen
+
+
+@pytest.mark.feature("session-affinity")
 def test_without_affinity_the_same_client_spreads(packet_lab: Lab, backend: Driven) -> None:
     """The control for the test above: the same service minus affinity spreads."""
     port = service_port("sticky", "tcp")
