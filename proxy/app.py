@@ -73,6 +73,7 @@ def backend_config(
     config = BackendConfig(
         family=family,
         masquerade_bit=settings.masquerade_bit,
+        localhost_nodeports=settings.localhost_nodeports,
         sync_period=settings.sync_period,
         ipvs=settings.ipvs,
     )

@@ -143,6 +143,10 @@ FLAGS: tuple[Flag, ...] = (
     _value("ipvs-min-sync-period", "As --iptables-min-sync-period, in ipvs mode.", "duration"),
     _value("iptables-masquerade-bit", "The fwmark bit (0..31) marking packets to SNAT.", "int"),
     _switch("masquerade-all", "SNAT all traffic sent via Service cluster IPs."),
+    _switch(
+        "iptables-localhost-nodeports",
+        "NodePorts also answer on 127.0.0.1 (iptables mode, IPv4; default true).",
+    ),
     _value(
         "nodeport-addresses",
         "CIDRs of node IPs where NodePorts are open, or 'primary' (default: all local IPs).",
@@ -243,7 +247,6 @@ FLAGS: tuple[Flag, ...] = (
             "alsologtostderr",
             "cleanup-iptables",
             "cleanup-ipvs",
-            "iptables-localhost-nodeports",
             "log-json-split-stream",
             "log-text-split-stream",
             "logtostderr",
@@ -400,6 +403,7 @@ def _parse(
     merged.put("proxy_mode", flags, "proxy-mode", check_proxy_mode)
     merged.put("cluster_cidrs", flags, "cluster-cidr", lambda v: parse_cluster_cidrs(v.split(",")))
     merged.put("masquerade_all", flags, "masquerade-all", parse_bool)
+    merged.put("localhost_nodeports", flags, "iptables-localhost-nodeports", parse_bool)
     merged.put(
         "nodeport_addresses",
         flags,

@@ -24,10 +24,16 @@ ipvs mode only (upstream's IPVS proxier, before its own `initOnly` return):
   is from 5.9, which fixed what it worked around (and absent before 4.1);
 - with `ipvs.strict_arp`: `net.ipv4.conf.all.arp_ignore` = 1, `arp_announce` = 2.
 
+iptables mode only (upstream's iptables `NewProxier`, before its own `initOnly` return):
+
+- `net.ipv4.conf.all.route_localnet` = 1 for localhost NodePorts
+  (`iptables.localhostNodePorts`, on by default), unless `--nodeport-addresses` leaves
+  out 127.0.0.1, which turns them off as upstream does. The iptables backend ensures the
+  same value again when it starts, for a proxy that runs without an init container.
+
 Left out on purpose: the IPVS connection timeouts (`ipvs.tcpTimeout`, ...), which upstream
 sets over netlink and which belong to the IPVS backend (a warning says so when set);
-`route_localnet`, which upstream's iptables mode sets only for localhost NodePorts (not
-implemented here); anything in nftables mode (upstream sets nothing). Nothing here
+anything in nftables mode (upstream sets nothing). Nothing here
 contacts the API server or touches a rule.
 
 Design: `plan(settings, cpus=, kernel=)` is pure, the settings and two facts about the
@@ -44,6 +50,7 @@ Runs once, in the main thread, before anything else starts.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import re
@@ -51,7 +58,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.config.settings import Settings
-from proxy.kernel.sysctl import ModuleParameter, Sysctl, Tunable, TunableError, Tunables
+from proxy.kernel.sysctl import (
+    ROUTE_LOCALNET,
+    ModuleParameter,
+    Sysctl,
+    Tunable,
+    TunableError,
+    Tunables,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +127,8 @@ def kernel_version(release: str) -> tuple[int, int]:
 def plan(settings: Settings, *, cpus: int, kernel: tuple[int, int]) -> Plan:
     """The steps of `--init-only` for these settings on a machine with `cpus` and `kernel`."""
     steps = _conntrack_steps(settings, cpus)
+    if settings.proxy_mode == "iptables":
+        steps.extend(_iptables_steps(settings))
     if settings.proxy_mode != "ipvs":
         return Plan(tuple(steps))
     ipvs_steps, notes = _ipvs_steps(settings, kernel)
@@ -150,6 +166,31 @@ def _conntrack_steps(settings: Settings, cpus: int) -> list[Step]:
     timeout("udp_timeout", "udpTimeout", conntrack.udp_timeout)
     timeout("udp_timeout_stream", "udpStreamTimeout", conntrack.udp_stream_timeout)
     return steps
+
+
+def _iptables_steps(settings: Settings) -> list[Step]:
+    """route_localnet for localhost NodePorts (`iptables.localhostNodePorts`, on by
+    default), when --nodeport-addresses allows loopback."""
+    if not settings.localhost_nodeports:
+        return []
+    if not _nodeports_include_loopback(settings.nodeport_addresses):
+        return []
+    return [Step(ROUTE_LOCALNET, 1, "iptables.localhostNodePorts (localhost NodePorts)")]
+
+
+def _nodeports_include_loopback(addresses: tuple[str, ...]) -> bool:
+    """Upstream's ContainsIPv4Loopback: no list (every address), or a CIDR holding 127.0.0.1."""
+    if not addresses:
+        return True
+    loopback = ipaddress.ip_address("127.0.0.1")
+    for entry in addresses:
+        try:
+            network = ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:  # "primary": this node's own addresses, never loopback
+            continue
+        if loopback in network:
+            return True
+    return False
 
 
 def _ipvs_steps(settings: Settings, kernel: tuple[int, int]) -> tuple[list[Step], tuple[str, ...]]:

@@ -190,6 +190,11 @@ class ServicePortState:
     external_endpoints: tuple[Endpoint, ...]
     all_endpoints: tuple[Endpoint, ...] = ()
     """Every endpoint known for the port, usable or not (for conntrack cleanup)."""
+    short_circuit_endpoints: tuple[Endpoint, ...] | None = None
+    """The Cluster-policy endpoints that pods and the node reaching an external address
+    (NodePort, LB IP, external IP) are sent to with externalTrafficPolicy Local, when
+    they differ from `cluster_endpoints`: only when internalTrafficPolicy is Local too
+    (upstream's clusterPolicyChain). None means `cluster_endpoints`."""
 
     @property
     def name(self) -> ServicePortName:

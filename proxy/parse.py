@@ -41,6 +41,8 @@ TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 DEFAULT_AFFINITY_SECONDS = 10800
+MAX_AFFINITY_SECONDS = 86400
+"""The API's bound on sessionAffinityConfig.clientIP.timeoutSeconds (one day)."""
 
 # Label selector kube-proxy lists Services and EndpointSlices with.
 PROXY_LABEL_SELECTOR = f"!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
@@ -150,7 +152,7 @@ def parse_service(raw: Mapping[str, Any], problems: Problems = _ignore) -> Servi
     external_ips = _parse_ip_list(spec.get("externalIPs"), key, "externalIPs", problems)
     lb_ips = _parse_lb_ingress(raw, key, problems)
     source_ranges = _parse_source_ranges(spec.get("loadBalancerSourceRanges"), key, problems)
-    affinity = _parse_affinity(spec)
+    affinity = _parse_affinity(spec, key, problems)
     ext_local = spec.get("externalTrafficPolicy") == "Local" and svc_type in (
         "NodePort",
         "LoadBalancer",
@@ -219,7 +221,20 @@ def _parse_lb_ingress(
     raw: Mapping[str, Any], key: ServiceKey, problems: Problems
 ) -> tuple[str, ...]:
     ingress = ((raw.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
-    usable = [i.get("ip") for i in ingress if i.get("ip") and i.get("ipMode") != "Proxy"]
+    usable: list[object] = []
+    for entry in ingress if isinstance(ingress, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        if not entry.get("ip"):
+            # A hostname-only entry (AWS ELB style) gives this proxy nothing to program;
+            # upstream skips it silently, we report it so the skipped count says why an
+            # LB address is not served.
+            problems(
+                "lb_ingress_without_ip",
+                f"service {key}: status.loadBalancer.ingress entry {entry!r} has no ip; skipped",
+            )
+        elif entry.get("ipMode") != "Proxy":  # Proxy mode: the LB itself delivers to nodes
+            usable.append(entry["ip"])
     return _parse_ip_list(usable, key, "status.loadBalancer.ingress", problems)
 
 
@@ -236,13 +251,27 @@ def _parse_source_ranges(values: object, key: ServiceKey, problems: Problems) ->
     return tuple(result)
 
 
-def _parse_affinity(spec: Mapping[str, Any]) -> int | None:
+def _parse_affinity(spec: Mapping[str, Any], key: ServiceKey, problems: Problems) -> int | None:
+    """ClientIP affinity's timeout; absent means the API default (10800 s), and a value
+    outside the API's range (1..86400) is reported and replaced by that default, so the
+    service keeps its affinity."""
     if spec.get("sessionAffinity") != "ClientIP":
         return None
     config = (spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}
     timeout = config.get("timeoutSeconds")
-    if isinstance(timeout, int) and 0 < timeout <= 86400:
+    if timeout is None:
+        return DEFAULT_AFFINITY_SECONDS
+    if (
+        isinstance(timeout, int)
+        and not isinstance(timeout, bool)
+        and 0 < timeout <= MAX_AFFINITY_SECONDS
+    ):
         return timeout
+    problems(
+        "invalid_affinity_timeout",
+        f"service {key}: sessionAffinityConfig.clientIP.timeoutSeconds {timeout!r} is not in "
+        f"1..{MAX_AFFINITY_SECONDS}; using {DEFAULT_AFFINITY_SECONDS}",
+    )
     return DEFAULT_AFFINITY_SECONDS
 
 

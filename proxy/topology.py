@@ -11,6 +11,10 @@ Decided once here, before any backend sees the state, so every backend agrees:
 - ClusterIP traffic uses the cluster set, or the local set with
   `internalTrafficPolicy: Local`; external traffic (NodePort, LoadBalancer, external
   IPs) uses the cluster set, or the local set with `externalTrafficPolicy: Local`.
+- pods and the node reaching an external address of a port with
+  `externalTrafficPolicy: Local` are short-circuited to the cluster set, so an
+  externally reachable port always has one (upstream's `UsesClusterEndpoints`), even
+  when both policies are Local (`ServicePortState.short_circuit_endpoints`).
 
 Pure functions on frozen values: no locks, no I/O.
 """
@@ -96,19 +100,22 @@ def categorize(
     port: ServicePort, endpoints: Sequence[Endpoint], node_name: str, zone: str | None
 ) -> ServicePortState:
     """The node-local state of one Service port given every endpoint known for it."""
-    uses_cluster = not port.internal_policy_local or (
-        _externally_accessible(port) and not port.external_policy_local
-    )
-    uses_local = port.internal_policy_local or (
-        _externally_accessible(port) and port.external_policy_local
-    )
+    accessible = _externally_accessible(port)
+    # Upstream: "even if the external traffic policy is Local, we need Cluster
+    # endpoints to implement short circuiting".
+    uses_cluster = not port.internal_policy_local or accessible
+    uses_local = port.internal_policy_local or (accessible and port.external_policy_local)
     cluster = cluster_endpoints(port, endpoints, node_name, zone) if uses_cluster else ()
     local = local_endpoints(endpoints) if uses_local else ()
+    short_circuit = None
+    if port.internal_policy_local and port.external_policy_local and accessible:
+        short_circuit = cluster
     return ServicePortState(
         port=port,
         cluster_endpoints=local if port.internal_policy_local else cluster,
         external_endpoints=local if port.external_policy_local else cluster,
         all_endpoints=tuple(endpoints),
+        short_circuit_endpoints=short_circuit,
     )
 
 

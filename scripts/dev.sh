@@ -52,7 +52,11 @@ run_tests() {
   log "import-linter: the layers declared in pyproject.toml"
   "$VENV/bin/lint-imports"
   log "pytest: unit, kernel and end-to-end suites (kernel tests must not be skipped)"
-  "$VENV/bin/pytest" -q -ra tests
+  local junit
+  junit="$(mktemp -d)/junit.xml"
+  "$VENV/bin/pytest" -q -ra tests --junitxml="$junit"
+  log "conformance: docs/conformance.md from the feature suite's results (fails when stale)"
+  "$VENV/bin/python" scripts/conformance.py --junit "$junit" --check
   if [ -x scripts/manifests-check.sh ]; then
     log "manifests"
     bash scripts/manifests-check.sh

@@ -127,6 +127,8 @@ class BackendConfig:
     request_sync: Callable[[float], None] = _no_sync_request
     """Ask for a sync `delay` seconds from now (e.g. IPVS graceful termination: delete a
     drained real server later). The sync comes through the proxier like any other."""
+    localhost_nodeports: bool = True
+    """iptables only: NodePorts also on 127.0.0.1 (`--iptables-localhost-nodeports`)."""
     large_cluster_endpoints: int = 1000
     """Above this many endpoints on the node, per-endpoint rule comments are dropped
     (upstream's large-cluster mode) to save memory and kernel work."""

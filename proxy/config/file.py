@@ -244,6 +244,7 @@ def _extract(document: Mapping[str, Any], path: str, unknown: tuple[str, ...]) -
     take("min_sync_period", "minSyncPeriod", period)
     masquerade_section = "nftables" if mode == "nftables" else "iptables"
     take("masquerade_all", f"{masquerade_section}.masqueradeAll")
+    take("localhost_nodeports", "iptables.localhostNodePorts")
     take("masquerade_bit", f"{masquerade_section}.masqueradeBit", check_masquerade_bit)
 
     # ipvs.*: read in every mode, checked (proxy.config.rules) only in ipvs mode, as upstream.

@@ -122,7 +122,6 @@ HARMLESS_VALUES: dict[str, tuple[object, ...]] = {
     "enableProfiling": (False,),
     "showHiddenMetricsForVersion": ("",),
     "serviceProxyName": ("",),
-    "iptables.localhostNodePorts": (True,),
     "nftables.tableName": ("", "kube-proxy"),
     "detectLocalMode": ("", "ClusterCIDR"),
     "detectLocal.bridgeInterface": ("",),

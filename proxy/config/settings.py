@@ -77,6 +77,9 @@ class Settings:
     masqueraded. Empty: no such masquerading (only `masquerade_all` or policy-driven)."""
     masquerade_all: bool = False
     """Masquerade all traffic sent to Service ClusterIPs."""
+    localhost_nodeports: bool = True
+    """NodePorts also answer on 127.0.0.1 (iptables mode, IPv4; needs route_localnet):
+    `--iptables-localhost-nodeports` / `iptables.localhostNodePorts`."""
     nodeport_addresses: tuple[str, ...] = ()
     """CIDRs where NodePorts are open, or ("primary",); empty means every local address."""
     metrics_bind_address: str = DEFAULT_METRICS_BIND_ADDRESS

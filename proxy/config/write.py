@@ -71,6 +71,7 @@ def config_document(settings: Settings) -> dict[str, Any]:
         masqueradeAll=settings.masquerade_all,
         masqueradeBit=settings.masquerade_bit,
     )
+    sections.setdefault("iptables", {})["localhostNodePorts"] = settings.localhost_nodeports
     ipvs = settings.ipvs
     sections.setdefault("ipvs", {}).update(
         scheduler=ipvs.scheduler,

@@ -23,6 +23,11 @@ Kernel facts this relies on (measured on 6.18):
 
 One value per file, written in one `write(2)`. No state beyond the root path; safe to use
 from any thread, though the proxy only uses it from the main thread at start-up.
+
+`CommandTunables` reads and writes the same files through a `CommandRunner` (`cat`,
+`tee`, both in coreutils), so a runner bound to a network namespace (kernel tests, the
+lab) reaches that namespace's per-namespace sysctls, which a Python process cannot
+open from outside it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from proxy.kernel.commands import CommandRunner
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +63,10 @@ class ModuleParameter:
 
 
 Tunable = Sysctl | ModuleParameter
+
+ROUTE_LOCALNET = Sysctl("net.ipv4.conf.all.route_localnet")
+"""1 lets packets with a 127/8 address be routed off the host: what localhost NodePorts
+need once their DNAT sends 127.0.0.1 traffic to a pod (per network namespace)."""
 
 
 class TunableError(OSError):
@@ -150,3 +161,31 @@ class ProcTunables:
                 " nf_conntrack_max also needs the host network namespace)"
             )
         return TunableError(f"cannot set {key} = {value}: {err.strerror or err}{hint}")
+
+
+class CommandTunables:
+    """The tunables as seen by the processes `runner` starts (e.g. inside a namespace)."""
+
+    def __init__(self, runner: CommandRunner) -> None:
+        self._runner = runner
+        self._paths = ProcTunables("/")
+
+    def read(self, key: Tunable) -> int:
+        path = self._paths.path(key)
+        out = self._runner.run(["cat", str(path)])
+        if not out.ok:
+            if "No such file" in out.stderr:
+                raise self._paths._missing(key, path)
+            raise TunableError(f"cannot read {key} ({path}): {out.stderr.strip()}")
+        try:
+            return int(out.stdout.strip())
+        except ValueError:
+            raise TunableError(
+                f"{key} ({path}) holds {out.stdout.strip()!r}, not a number"
+            ) from None
+
+    def write(self, key: Tunable, value: int) -> None:
+        path = self._paths.path(key)
+        out = self._runner.run(["tee", str(path)], stdin=f"{value}\n")
+        if not out.ok:
+            raise TunableError(f"cannot set {key} = {value}: {out.stderr.strip()}")

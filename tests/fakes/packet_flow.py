@@ -164,8 +164,15 @@ class _Tracer:
             mark, _, mask = value.partition("/")
             return packet.mark & int(mask or "0xffffffff", 0) == int(mark, 0)
         if option in ("--ctstate", "--state"):
-            return "NEW" in value.split(",")  # the tracer follows a connection's first packet
+            # The tracer follows a connection's first packet: NEW, and DNAT once rewritten.
+            states = value.split(",")
+            return "NEW" in states or ("DNAT" in states and packet.dnat)
         if option in ("--comment", "--mode"):
+            return True
+        if option == "--rcheck":
+            # A first packet from a client no endpoint has seen: no affinity entry yet.
+            return False
+        if option in ("--set", "--name", "--mask", "--rsource", "--seconds", "--reap"):
             return True
         raise UnsupportedRuleError(f"match {option} {value}")
 

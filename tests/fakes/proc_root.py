@@ -19,6 +19,7 @@ CONNTRACK_DEFAULTS: dict[Tunable, int] = {
     Sysctl("net.ipv4.ip_forward"): 0,
     Sysctl("net.ipv4.conf.all.arp_ignore"): 0,
     Sysctl("net.ipv4.conf.all.arp_announce"): 0,
+    Sysctl("net.ipv4.conf.all.route_localnet"): 0,
 }
 IPVS_DEFAULTS: dict[Tunable, int] = {
     Sysctl("net.ipv4.vs.conntrack"): 0,

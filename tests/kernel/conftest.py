@@ -13,6 +13,13 @@ file, so another iptables user on the host cannot stall these tests; a test abou
 contention must take the lock named by ``$XTABLES_LOCKFILE``.
 
 `PACKET_BACKENDS` is the one list a new backend joins to run every packet test.
+
+Service features (tests/kernel/test_service_features.py): each test is marked
+``@pytest.mark.feature("<name>")`` with a name from `FEATURES`. A backend that lacks a
+feature declares it in `NOT_IMPLEMENTED` (by backend id); its tests for that feature then
+run as strict xfail, so the declaration fails the suite the day the feature starts
+working. Every feature test carries its feature and backend id as junit properties,
+which `scripts/conformance.py` turns into docs/conformance.md.
 """
 
 from __future__ import annotations
@@ -260,6 +267,59 @@ def _iptables_variant(variant: str) -> BackendVariant:
             for verb in ("-F", "-X")
         ),
     )
+
+
+FEATURES: dict[str, str] = {
+    "session-affinity": "sessionAffinity ClientIP (timeoutSeconds)",
+    "external-traffic-policy-local": "externalTrafficPolicy Local (client source kept, "
+    "pods and node short-circuited, DROP without local endpoints)",
+    "internal-traffic-policy-local": "internalTrafficPolicy Local (DROP without local endpoints)",
+    "load-balancer-ip": "LoadBalancer ingress IPs (ipMode Proxy skipped)",
+    "load-balancer-source-ranges": "loadBalancerSourceRanges allow list (node allowed)",
+    "external-ips": "externalIPs",
+    "localhost-nodeports": "NodePorts on 127.0.0.1 from the node (IPv4)",
+    "sctp": "SCTP ClusterIP and NodePort",
+}
+"""Service features under packet test, in the order docs/conformance.md lists them."""
+
+NOT_IMPLEMENTED: dict[str, set[str]] = {
+    "iptables-nft": set(),
+    "iptables-legacy": set(),
+}
+"""Per backend id: features it does not implement yet (their tests are strict xfail).
+
+A backend joining `PACKET_BACKENDS` before it has every feature lists the missing ones
+here; a backend id absent from this dict is taken to implement everything."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "feature(name): the Service feature a kernel test proves (see FEATURES)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Feature tests: junit properties (feature, backend) and the strict xfail of
+    `NOT_IMPLEMENTED`."""
+    for item in items:
+        marker = item.get_closest_marker("feature")
+        if marker is None:
+            continue
+        feature = str(marker.args[0])
+        if feature not in FEATURES:
+            raise pytest.UsageError(f"{item.nodeid}: unknown feature {feature!r}")
+        callspec = getattr(item, "callspec", None)
+        variant = callspec.params.get("backend_variant") if callspec is not None else None
+        if not isinstance(variant, BackendVariant):
+            raise pytest.UsageError(f"{item.nodeid}: a feature test must use backend_variant")
+        item.user_properties.append(("feature", feature))
+        item.user_properties.append(("backend", variant.id))
+        if feature in NOT_IMPLEMENTED.get(variant.id, set()):
+            item.add_marker(
+                pytest.mark.xfail(
+                    strict=True, reason=f"{variant.id} does not implement {feature} yet"
+                )
+            )
 
 
 PACKET_BACKENDS: list[BackendVariant] = [

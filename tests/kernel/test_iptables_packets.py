@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,7 @@ from proxy.model import (
     ServicePortState,
     SyncHint,
 )
+from proxy.topology import categorize
 from tests.fakes.driver import Driven
 from tests.kernel.conftest import (
     ECHO_TCP_PORT,
@@ -382,6 +384,30 @@ def test_drift_is_detected_and_a_full_sync_repairs_it(
 # ---------------------------------------------------------------- partial syncs on the real tools
 
 
+EXTERNAL: dict[str, Any] = {"node_port": 30090, "external_ips": ("198.19.200.11",)}
+BOTH_LOCAL: dict[str, Any] = {"external_policy_local": True, **EXTERNAL}
+LB_RANGES: dict[str, Any] = {
+    "load_balancer_ips": ("198.19.200.12",),
+    "load_balancer_source_ranges": ("198.18.0.0/24",),
+}
+
+
+def feat(endpoint_ips: Sequence[str], local: str, **fields: Any) -> ServicePortState:
+    """The "feat" service with Service features `fields`: the endpoint at `local` runs
+    on this node, the others on another one."""
+    eps = tuple(
+        Endpoint(
+            ip,
+            ECHO_PORT["tcp"],
+            node_name=NODE_NAME if ip == local else "node-b",
+            is_local=ip == local,
+        )
+        for ip in endpoint_ips
+    )
+    port = ServicePort(port_name("feat", "tcp"), ("198.19.0.110",), 80, **fields)
+    return categorize(port, eps, NODE_NAME, None)
+
+
 def _our_rules(lab: Lab, variant: BackendVariant) -> dict[str, list[str]]:
     """Our rules per table and chain, each chain's rules sorted (their order is free)."""
     chains: dict[str, list[str]] = {}
@@ -405,7 +431,13 @@ def test_partial_syncs_end_where_a_full_sync_would(
 ) -> None:
     """Services added, emptied, refilled and removed through partial syncs, in batches
     small enough to split them (iptables-nft): the kernel ends with exactly the rules
-    a fresh full sync of the final state writes, and the NodePorts jump stays last."""
+    a fresh full sync of the final state writes, and the NodePorts jump stays last.
+
+    The "feat" service walks through the Service features on the way (affinity,
+    externalTrafficPolicy Local with external and LB IPs, source ranges, an emptied
+    local set, internalTrafficPolicy Local) and ends with several of them, so their
+    chains (KPY-FW, KPY-EXT short-circuits, `-m recent`) and their shared-chain rules
+    (KPY-PROXY-FIREWALL, KPY-EXTERNAL-SERVICES) are also edited by partial syncs only."""
     monkeypatch.setattr(iptables_backend, "NFT_BATCH_CHAINS", 3)
     ips = packet_lab.pod_ips()
     pods = [ips["pod0"], ips["pod1"], ips["pod2"]]
@@ -415,7 +447,20 @@ def test_partial_syncs_end_where_a_full_sync_would(
         [*web(pods[:1]), *extra],  # new services: rules inserted into the shared chains
         [*web(pods), *extra[:1], port_state("extra1", "198.19.0.101", "tcp", ())],  # emptied
         [*web(pods[1:]), *extra[:1], port_state("extra1", "198.19.0.101", "tcp", pods)],
-        [*web(pods[1:]), *empty()],  # removed, and a service that never had endpoints
+        [*web(pods[1:]), *extra[:1], feat(pods, pods[0], session_affinity_seconds=300)],
+        [*web(pods[1:]), feat(pods, pods[0], external_policy_local=True, **EXTERNAL)],
+        [*web(pods[1:]), feat(pods, pods[0], external_policy_local=True, **LB_RANGES, **EXTERNAL)],
+        [
+            *web(pods[1:]),
+            feat(pods[1:], pods[0], external_policy_local=True, **LB_RANGES, **EXTERNAL),
+        ],
+        [
+            *web(pods[1:]),
+            feat(pods[1:], pods[0], internal_policy_local=True, session_affinity_seconds=60),
+        ],
+        [*web(pods[1:]), feat(pods, pods[0], internal_policy_local=True, **BOTH_LOCAL)],
+        # removed, a service that never had endpoints, and one with several features
+        [*web(pods[1:]), *empty(), feat(pods, pods[0], session_affinity_seconds=60, **LB_RANGES)],
     ]
     previous: dict[ServicePortName, ServicePortState] = {p.name: p for p in web(pods[:1])}
     for ports in steps:

@@ -21,10 +21,11 @@ from proxy.model import IPFamily
 
 def test_backends_get_the_ipvs_options_sync_period_and_mark_from_the_settings() -> None:
     ipvs = IpvsOptions(scheduler="wrr", strict_arp=True, tcp_timeout=900.0)
-    settings = Settings(ipvs=ipvs, sync_period=45.0, masquerade_bit=10)
+    settings = Settings(ipvs=ipvs, sync_period=45.0, masquerade_bit=10, localhost_nodeports=False)
     asked: list[float] = []
     config = backend_config(settings, request_sync=asked.append)
     assert config.ipvs == ipvs
+    assert config.localhost_nodeports is False
     assert (config.sync_period, config.masquerade_bit) == (45.0, 10)
     config.request_sync(2.5)
     assert asked == [2.5]

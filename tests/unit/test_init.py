@@ -43,6 +43,7 @@ def test_defaults_size_the_table_and_set_the_two_tcp_timeouts() -> None:
         "module parameter nf_conntrack.hashsize >= 32768 ?",
         "net.netfilter.nf_conntrack_tcp_timeout_established = 86400",
         "net.netfilter.nf_conntrack_tcp_timeout_close_wait = 3600",
+        "net.ipv4.conf.all.route_localnet = 1",
     ]
     assert steps(Settings(), cpus=16)[:2] == [
         "net.netfilter.nf_conntrack_max >= 524288",  # 32768 x 16
@@ -54,7 +55,7 @@ def test_zero_leaves_the_kernel_alone() -> None:
     conntrack = ConntrackSettings(
         max_per_core=0, min=999999, tcp_established_timeout=0, tcp_close_wait_timeout=0
     )
-    assert steps(Settings(conntrack=conntrack)) == []
+    assert steps(Settings(conntrack=conntrack, proxy_mode="nftables")) == []
 
 
 def test_every_conntrack_setting_in_upstreams_order() -> None:
@@ -75,12 +76,15 @@ def test_every_conntrack_setting_in_upstreams_order() -> None:
         "net.netfilter.nf_conntrack_tcp_be_liberal = 1",
         "net.netfilter.nf_conntrack_udp_timeout = 45",
         "net.netfilter.nf_conntrack_udp_timeout_stream = 150",
+        "net.ipv4.conf.all.route_localnet = 1",  # iptables mode: localhost NodePorts
     ]
 
 
 def test_ipvs_mode_adds_upstreams_ipvs_sysctls() -> None:
     settings = Settings(proxy_mode="ipvs", conntrack=ConntrackSettings(max_per_core=0))
-    conntrack_only = steps(Settings(conntrack=ConntrackSettings(max_per_core=0)))
+    conntrack_only = steps(
+        Settings(proxy_mode="nftables", conntrack=ConntrackSettings(max_per_core=0))
+    )
     assert steps(settings)[len(conntrack_only) :] == [
         "net.ipv4.vs.conntrack = 1",
         "net.ipv4.vs.expire_nodest_conn = 1",
@@ -109,6 +113,25 @@ def test_conn_reuse_mode_only_on_the_kernels_that_need_it(
     assert any("conn_reuse_mode left as it is" in note for note in notes) is not set_to_zero
 
 
+@pytest.mark.parametrize(
+    ("settings", "sets_it"),
+    [
+        (Settings(), True),
+        (Settings(nodeport_addresses=("127.0.0.0/8", "198.18.0.0/24")), True),
+        (Settings(nodeport_addresses=("198.18.0.0/24",)), False),  # loopback left out
+        (Settings(nodeport_addresses=("primary",)), False),
+        (Settings(proxy_mode="nftables"), False),
+        (Settings(proxy_mode="ipvs"), False),
+        (Settings(localhost_nodeports=False), False),  # --iptables-localhost-nodeports=false
+    ],
+)
+def test_route_localnet_in_iptables_mode_when_nodeports_may_be_on_loopback(
+    settings: Settings, sets_it: bool
+) -> None:
+    """Upstream's iptables NewProxier sets it before its initOnly return."""
+    assert ("net.ipv4.conf.all.route_localnet = 1" in steps(settings)) is sets_it
+
+
 def test_ipvs_timeouts_are_named_as_left_to_the_backend() -> None:
     settings = Settings(proxy_mode="ipvs", ipvs=IpvsOptions(tcp_timeout=900))
     (warning,) = plan(settings, cpus=1, kernel=KERNEL).unapplied
@@ -135,8 +158,10 @@ def test_apply_sets_what_differs_and_never_lowers_the_table(tmp_path: Path) -> N
         (CONNTRACK_HASHSIZE, 16384, "set"),
         (Sysctl("net.netfilter.nf_conntrack_tcp_timeout_established"), 432000, "set"),
         (Sysctl("net.netfilter.nf_conntrack_tcp_timeout_close_wait"), 60, "set"),
+        (Sysctl("net.ipv4.conf.all.route_localnet"), 0, "set"),
     ]
     assert read_root(tmp_path, values) == values | {
+        Sysctl("net.ipv4.conf.all.route_localnet"): 1,
         CONNTRACK_HASHSIZE: 32768,
         Sysctl("net.netfilter.nf_conntrack_tcp_timeout_established"): 86400,  # lowered: exact
         Sysctl("net.netfilter.nf_conntrack_tcp_timeout_close_wait"): 3600,
@@ -192,5 +217,5 @@ def test_the_hashsize_is_best_effort(tmp_path: Path, caplog: pytest.LogCaptureFi
     tunables = make_root(tmp_path, values)  # no /sys/module: as outside the host namespace
     with caplog.at_level(logging.WARNING):
         outcomes = apply(plan(Settings(), cpus=2, kernel=KERNEL), tunables)
-    assert [o.action for o in outcomes] == ["set", "failed", "set", "set"]
+    assert [o.action for o in outcomes] == ["set", "failed", "set", "set", "set"]
     assert "nf_conntrack.hashsize does not exist" in caplog.text

@@ -317,7 +317,7 @@ def test_trace_of_unmatched_traffic_is_accepted_unchanged() -> None:
 
 def test_trace_refuses_to_guess_unknown_matches() -> None:
     fake = IptablesFake()
-    fake.seed("*nat\n-A PREROUTING -m recent --name x --rcheck -j RETURN\nCOMMIT\n")
+    fake.seed("*nat\n-A PREROUTING -m recent --name x --update -j RETURN\nCOMMIT\n")
     with pytest.raises(UnsupportedRuleError):
         trace(fake.tables(), src="198.18.64.5", dst="198.19.0.10", proto="tcp", dport=80)
 

@@ -61,7 +61,9 @@ def port_state(
 
 
 def context(node: NodeContext = NODE, family: IPFamily = IPFamily.V4) -> render.RenderContext:
-    return render.RenderContext.build(node, family=family, masquerade_bit=14)
+    return render.RenderContext.build(
+        node, family=family, masquerade_bit=14, localhost_nodeports=True
+    )
 
 
 def full_text(states: dict[ServicePortName, ServicePortState], node: NodeContext = NODE) -> str:
@@ -104,8 +106,11 @@ COMMIT
 *filter
 :KPY-SERVICES - [0:0]
 :KPY-EXTERNAL-SERVICES - [0:0]
+:KPY-PROXY-FIREWALL - [0:0]
 :KPY-FORWARD - [0:0]
+:KPY-FIREWALL - [0:0]
 :KPY-PROXY-CANARY - [0:0]
+-A KPY-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
 -A KPY-FORWARD -m conntrack --ctstate INVALID -j DROP
 -A KPY-FORWARD -m comment --comment "kpy forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
 -A KPY-FORWARD -m comment --comment "kpy forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
@@ -115,6 +120,11 @@ COMMIT
 -I INPUT 1 -m conntrack --ctstate NEW -m comment --comment "kpy externally-visible service portals" -j KPY-EXTERNAL-SERVICES
 -I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment "kpy externally-visible service portals" -j KPY-EXTERNAL-SERVICES
 -I FORWARD 1 -m comment --comment "kpy forwarding rules" -j KPY-FORWARD
+-I INPUT 1 -m conntrack --ctstate NEW -m comment --comment "kpy load balancer firewall" -j KPY-PROXY-FIREWALL
+-I OUTPUT 1 -m conntrack --ctstate NEW -m comment --comment "kpy load balancer firewall" -j KPY-PROXY-FIREWALL
+-I FORWARD 1 -m conntrack --ctstate NEW -m comment --comment "kpy load balancer firewall" -j KPY-PROXY-FIREWALL
+-I INPUT 1 -m comment --comment "kpy firewall" -j KPY-FIREWALL
+-I OUTPUT 1 -m comment --comment "kpy firewall" -j KPY-FIREWALL
 COMMIT
 *mangle
 :KPY-PROXY-CANARY - [0:0]
@@ -342,9 +352,9 @@ def test_partial_restore_writes_only_the_changed_port_and_deletes_last() -> None
 
 
 def test_top_level_edits_leave_a_rule_that_moved_between_ports_alone() -> None:
-    kept = ("-A KPY-SERVICES -d 198.19.0.1/32 -j KPY-SVC-A\n", "", "", "")
-    moved = ("", "-A KPY-NODEPORTS -p tcp -m tcp --dport 30001 -j KPY-EXT-B\n", "", "")
-    rejected = ("", "", "-A KPY-SERVICES -d 198.19.0.2/32 -j REJECT\n", "")
+    kept = ("-A KPY-SERVICES -d 198.19.0.1/32 -j KPY-SVC-A\n", "", "", "", "")
+    moved = ("", "-A KPY-NODEPORTS -p tcp -m tcp --dport 30001 -j KPY-EXT-B\n", "", "", "")
+    rejected = ("", "", "-A KPY-SERVICES -d 198.19.0.2/32 -j REJECT\n", "", "")
     change = render.top_level_change([kept, moved], [moved, kept, rejected])
     assert change.nat_lines == ()
     assert change.filter_lines == ("-A KPY-SERVICES -d 198.19.0.2/32 -j REJECT\n",)

@@ -277,3 +277,99 @@ def test_node_parsing() -> None:
     deleting = parse_node({"metadata": {"name": "n1", "deletionTimestamp": "2026-01-01T00:00:00Z"}})
     assert not deleting.eligible
     assert parse_node({"metadata": {"name": "n1"}}).eligible
+
+
+# -- bad input in the Service features of issue 13: the bad part goes, the rest stays -------
+
+
+def lb_service(**spec: Any) -> dict[str, Any]:
+    raw = service(
+        type="LoadBalancer",
+        ports=[{"name": "http", "port": 80, "nodePort": 30080}, {"name": "dns", "port": 53}],
+        externalIPs=["198.19.200.1"],
+        **spec,
+    )
+    raw["status"] = {"loadBalancer": {"ingress": [{"ip": "198.19.200.2"}]}}
+    return raw
+
+
+def test_a_source_range_that_is_not_a_cidr_is_skipped_and_reported() -> None:
+    sink = Sink()
+    parsed = parse_service(
+        lb_service(loadBalancerSourceRanges=["198.18.200.0/24", "10.0.0.0/33", "not-a-cidr"]),
+        sink,
+    )
+    assert isinstance(parsed, ServiceInfo)
+    assert [p.name.port for p in parsed.ports] == ["http", "dns"]
+    for port in parsed.ports:
+        assert port.load_balancer_source_ranges == ("198.18.200.0/24",)
+        assert port.load_balancer_ips == ("198.19.200.2",)
+    assert [reason for reason, _ in sink.seen] == ["invalid_cidr", "invalid_cidr"]
+    assert all("ns/web" in message for _, message in sink.seen)
+    assert "not-a-cidr" in sink.seen[1][1]
+
+
+def test_a_hostname_only_ingress_entry_is_skipped_and_reported() -> None:
+    sink = Sink()
+    raw = lb_service(loadBalancerSourceRanges=["198.18.200.0/24"])
+    raw["status"]["loadBalancer"]["ingress"] = [
+        {"hostname": "lb.example.test"},
+        {"ip": "198.19.200.2"},
+        {"ip": "198.19.200.3", "ipMode": "Proxy"},
+    ]
+    parsed = parse_service(raw, sink)
+    assert isinstance(parsed, ServiceInfo)
+    assert parsed.ports[0].load_balancer_ips == ("198.19.200.2",)
+    assert parsed.ports[0].load_balancer_source_ranges == ("198.18.200.0/24",)
+    assert parsed.ports[0].external_ips == ("198.19.200.1",)
+    assert [reason for reason, _ in sink.seen] == ["lb_ingress_without_ip"]
+    assert "ns/web" in sink.seen[0][1] and "lb.example.test" in sink.seen[0][1]
+
+
+def test_an_ipv6_address_in_an_ipv4_slice_is_skipped_and_reported() -> None:
+    sink = Sink()
+    parsed = parse_slice(
+        slice_(
+            endpoints=[
+                {"addresses": ["198.18.64.5"]},
+                {"addresses": ["fd00::5"]},
+                {"addresses": ["198.18.64.6"]},
+            ]
+        ),
+        sink,
+    )
+    assert parsed is not None
+    assert [endpoint.ip for endpoint in parsed.endpoints] == ["198.18.64.5", "198.18.64.6"]
+    assert [reason for reason, _ in sink.seen] == ["invalid_endpoint"]
+    assert "endpointslice ns/web-abc" in sink.seen[0][1] and "fd00::5" in sink.seen[0][1]
+
+
+@pytest.mark.parametrize("timeout", [0, -5, 86401, "60", True])
+def test_an_affinity_timeout_out_of_range_is_reported_and_the_default_kept(timeout: object) -> None:
+    sink = Sink()
+    parsed = parse_service(
+        lb_service(
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": timeout}},
+        ),
+        sink,
+    )
+    assert isinstance(parsed, ServiceInfo)
+    assert [p.session_affinity_seconds for p in parsed.ports] == [10800, 10800]
+    assert [p.load_balancer_ips for p in parsed.ports] == [("198.19.200.2",)] * 2
+    assert [reason for reason, _ in sink.seen] == ["invalid_affinity_timeout"]
+    assert "ns/web" in sink.seen[0][1]
+
+
+def test_an_affinity_timeout_in_range_is_kept_silently() -> None:
+    sink = Sink()
+    parsed = parse_service(
+        service(
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 86400}},
+        ),
+        sink,
+    )
+    assert isinstance(parsed, ServiceInfo)
+    assert parsed.ports[0].session_affinity_seconds == 86400
+    assert sink.seen == []

@@ -91,3 +91,21 @@ def test_zone_hints_used_only_when_every_ready_endpoint_is_hinted() -> None:
     assert ips(categorize(PORT, partly, "me", "a").cluster_endpoints) == ["1", "2"]
     # No endpoint hinted for our zone: ignore hints rather than black-hole.
     assert ips(categorize(PORT, hinted, "me", "c").cluster_endpoints) == ["1", "2"]
+
+
+def test_both_policies_local_keep_the_cluster_set_for_the_short_circuit() -> None:
+    """Upstream's UsesClusterEndpoints: an externally reachable port always needs the
+    cluster set, for pods and the node reaching its external addresses."""
+    eps = (ep(1, local=True), ep(2), ep(3))
+    both = replace(PORT, node_port=30080, internal_policy_local=True, external_policy_local=True)
+    state = categorize(both, eps, "me", None)
+    assert ips(state.cluster_endpoints) == ips(state.external_endpoints) == ["1"]
+    assert state.short_circuit_endpoints is not None
+    assert ips(state.short_circuit_endpoints) == ["1", "2", "3"]
+    # Only then: one Local policy, or no external address, needs no separate set.
+    for port in (
+        replace(PORT, node_port=30080, external_policy_local=True),
+        replace(PORT, node_port=30080, internal_policy_local=True),
+        replace(PORT, internal_policy_local=True, external_policy_local=True),
+    ):
+        assert categorize(port, eps, "me", None).short_circuit_endpoints is None

@@ -42,6 +42,15 @@ writes (reproduce with `python -m benchmarks.iptables_layout`):
   before nat, and a failure after a committed section is repaired by the full sync
   that follows.
 
+Localhost NodePorts (`--iptables-localhost-nodeports`, on by default, IPv4 only, and
+off when `--nodeport-addresses` leaves out 127.0.0.1, as upstream): the NodePorts jump
+also matches 127/8, and a full sync first ensures `net.ipv4.conf.all.route_localnet=1`
+(upstream sets it when its proxier starts), without which the kernel drops the DNATed
+packet whose source is 127.0.0.1. When that write is refused (an unprivileged
+container; `--init-only` sets it from a privileged init container) the error is logged
+once and the rest of the rules are written all the same: only 127.0.0.1:NodePort stays
+dead, where upstream would refuse to start.
+
 Large clusters: above `BackendConfig.large_cluster_endpoints` endpoints (upstream's
 threshold, 1000) the per-endpoint rules are rendered without comments, as upstream's
 large-cluster mode does; it only changes text, so crossing it needs no full sync.
@@ -73,6 +82,13 @@ from proxy.kernel.iptables import (
     chains_in_save,
     detect_variant,
 )
+from proxy.kernel.sysctl import (
+    ROUTE_LOCALNET,
+    CommandTunables,
+    ProcTunables,
+    TunableError,
+    Tunables,
+)
 from proxy.model import ProxyState, ServicePortName, ServicePortState, SyncHint
 
 log = logging.getLogger(__name__)
@@ -100,7 +116,10 @@ class IptablesBackend:
 
     `runner` runs the tools (a `SubprocessRunner` in the configured namespace unless
     a test injects a fake); `environ` is read for `KPY_IPTABLES_MODE` when the
-    config names no variant; `clock` times the phases.
+    config names no variant; `clock` times the phases. `localhost_nodeports` is
+    `--iptables-localhost-nodeports`; `tunables` is where route_localnet is set (by
+    default this process's /proc/sys, or the configured namespace's; with an injected
+    runner and no namespace, nothing is touched unless a test passes its own).
     """
 
     name = "iptables"
@@ -112,8 +131,21 @@ class IptablesBackend:
         *,
         clock: Callable[[], float] = time.monotonic,
         environ: Mapping[str, str] | None = None,
+        localhost_nodeports: bool | None = None,
+        tunables: Tunables | None = None,
     ) -> None:
         self._config = config
+        self._localhost_nodeports = (
+            config.localhost_nodeports if localhost_nodeports is None else localhost_nodeports
+        )
+        if tunables is None:
+            if config.netns is not None:
+                tunables = CommandTunables(SubprocessRunner(config.netns, timeout=30.0))
+            elif runner is None:
+                tunables = ProcTunables()
+        self._tunables = tunables
+        self._route_localnet = False
+        """route_localnet is known to be 1 (checked once, on the first full sync that needs it)."""
         self._runner = runner if runner is not None else SubprocessRunner(config.netns)
         self._clock = clock
         self._environ = MappingProxyType(dict(os.environ if environ is None else environ))
@@ -166,7 +198,10 @@ class IptablesBackend:
         """Write what changed (everything when full); see the module docstring."""
         ipt = self._tools()
         ctx = render.RenderContext.build(
-            state.node, family=self._config.family, masquerade_bit=self._config.masquerade_bit
+            state.node,
+            family=self._config.family,
+            masquerade_bit=self._config.masquerade_bit,
+            localhost_nodeports=self._localhost_nodeports,
         )
         full = hint.full or not self._in_sync or ctx != self._context
         # Trust nothing until this write succeeds: after any failure the kernel may
@@ -188,7 +223,30 @@ class IptablesBackend:
     def _comments(self, endpoints: int) -> bool:
         return endpoints <= self._config.large_cluster_endpoints
 
+    def _ensure_route_localnet(self) -> None:
+        """route_localnet=1 for localhost NodePorts; a refusal is logged, not raised."""
+        if self._route_localnet or self._tunables is None:
+            return
+        self._route_localnet = True  # one attempt, one log line, like upstream's start-up
+        try:
+            if self._tunables.read(ROUTE_LOCALNET) != 1:
+                self._tunables.write(ROUTE_LOCALNET, 1)
+                log.info(
+                    "set %s = 1 for localhost NodePorts (turn off with "
+                    "--iptables-localhost-nodeports=false or a --nodeport-addresses "
+                    "without 127.0.0.1)",
+                    ROUTE_LOCALNET,
+                )
+        except TunableError as err:
+            log.error(
+                "localhost NodePorts will not answer: %s (run --init-only in a privileged "
+                "init container, or turn them off)",
+                err,
+            )
+
     def _sync_full(self, ipt: Iptables, ctx: render.RenderContext, state: ProxyState) -> None:
+        if ctx.localhost_nodeports:
+            self._ensure_route_localnet()
         started = self._clock()
         saved = {table: ipt.save(table) for table in ("nat", "filter")}
         existing = {table: ours(text) for table, text in saved.items()}
@@ -300,8 +358,8 @@ class IptablesBackend:
 
         rewrite: list[render.PortRules] = []
         delete: list[str] = []
-        old_top: list[tuple[str, str, str, str]] = []
-        new_top: list[tuple[str, str, str, str]] = []
+        old_top: list[render.TopLevel] = []
+        new_top: list[render.TopLevel] = []
         nat_count, filter_count = self._counts
         for name, old_state, new_state in changes:
             old = new = None

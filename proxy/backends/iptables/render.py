@@ -15,14 +15,25 @@ never touched)::
               -d VIP -p P --dport N          -> KPY-SVC-<h>       (per ClusterIP port)
               last: -m addrtype --dst-type LOCAL -> KPY-NODEPORTS
             KPY-NODEPORTS: -p P --dport NP   -> KPY-EXT-<h>
-            KPY-EXT-<h>: mark masquerade (Cluster policy), then -> KPY-SVC-<h>
+              -d EXTERNAL-IP -p P --dport N  -> KPY-EXT-<h>
+              -d LB-IP -p P --dport N        -> KPY-FW-<h> (with source ranges) or KPY-EXT-<h>
+            KPY-FW-<h>: -s RANGE -> KPY-EXT-<h> per allowed range; the rest falls through
+            KPY-EXT-<h>: mark masquerade (Cluster policy), or with Local policy: pods and
+                         the node short-circuited to KPY-SVC-<h>; then -> KPY-SVC-<h>
                          (or -> KPY-SVL-<h> when the external endpoint set differs)
-            KPY-SVC-<h>: masquerade off-cluster sources, then a
-                         `-m statistic --probability 1/n` cascade -> KPY-SEP-<h>
-            KPY-SEP-<h>: hairpin masquerade, DNAT to the endpoint
+            KPY-SVC-<h>: masquerade off-cluster sources, `-m recent --rcheck` per endpoint
+                         (ClientIP affinity), then a `-m statistic --probability 1/n`
+                         cascade -> KPY-SEP-<h>
+            KPY-SEP-<h>: hairpin masquerade, (affinity: `-m recent --set`) DNAT to the endpoint
             POSTROUTING -> KPY-POSTROUTING: MASQUERADE what KPY-MARK-MASQ marked
     filter  FORWARD, OUTPUT (ctstate NEW) -> KPY-SERVICES: REJECT ClusterIPs without endpoints
-            INPUT, FORWARD (ctstate NEW)  -> KPY-EXTERNAL-SERVICES: REJECT such NodePorts
+                                             (DROP with internalTrafficPolicy Local)
+            INPUT, FORWARD (ctstate NEW)  -> KPY-EXTERNAL-SERVICES: REJECT (no endpoints) or
+                                             DROP (no local endpoints) NodePorts, external
+                                             and load-balancer IPs
+            INPUT, OUTPUT, FORWARD (NEW)  -> KPY-PROXY-FIREWALL: DROP what a KPY-FW chain
+                                             did not DNAT (source not in the ranges)
+            INPUT, OUTPUT -> KPY-FIREWALL: DROP martian traffic to 127/8 (localhost NodePorts)
             FORWARD -> KPY-FORWARD: drop INVALID, accept marked and established traffic
     mangle, nat, filter: KPY-PROXY-CANARY, an empty chain whose absence means someone
             flushed our rules
@@ -55,22 +66,34 @@ MARK_MASQ = "KPY-MARK-MASQ"
 MARK_NONCLUSTER = "KPY-MARK-NONCLUSTER"
 """Marks for masquerade unless the source is in a cluster CIDR (only with several CIDRs)."""
 CANARY = "KPY-PROXY-CANARY"
+PROXY_FIREWALL = "KPY-PROXY-FIREWALL"
+"""filter: drops load-balancer traffic that its KPY-FW chain let fall through."""
+FIREWALL = "KPY-FIREWALL"
+"""filter: the localnet martian rule that goes with localhost NodePorts (upstream's
+KUBE-FIREWALL, a chain kubelet also writes; ours is separate so we never touch kubelet's)."""
 
 SVC_PREFIX = "KPY-SVC-"
 SVL_PREFIX = "KPY-SVL-"
 EXT_PREFIX = "KPY-EXT-"
+FW_PREFIX = "KPY-FW-"
 SEP_PREFIX = "KPY-SEP-"
 
 NAT_TOP_CHAINS = (SERVICES, NODEPORTS)
 """nat chains rewritten at every sync (they list every service port)."""
 NAT_STATIC_CHAINS = (POSTROUTING, MARK_MASQ, CANARY)
 """nat chains whose content never depends on services: written on full syncs only."""
-FILTER_TOP_CHAINS = (SERVICES, EXTERNAL_SERVICES)
-FILTER_STATIC_CHAINS = (FORWARD, CANARY)
+FILTER_TOP_CHAINS = (SERVICES, EXTERNAL_SERVICES, PROXY_FIREWALL)
+FILTER_STATIC_CHAINS = (FORWARD, FIREWALL, CANARY)
 MANGLE_CHAINS = (CANARY,)
 
 _NO_ENDPOINTS = "has no endpoints"
 _NO_LOCAL_ENDPOINTS = "has no local endpoints"
+_LOOPBACK_V4 = "127.0.0.0/8"
+_RECENT_MASK = {
+    IPFamily.V4: "255.255.255.255",
+    IPFamily.V6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+}
+"""`-m recent --mask` as iptables-save prints the default (a whole address)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +132,11 @@ JUMP_RULES: tuple[JumpRule, ...] = (
         new_only=True,
     ),
     _jump("filter", "FORWARD", "kpy forwarding rules", FORWARD, new_only=False),
+    _jump("filter", "INPUT", "kpy load balancer firewall", PROXY_FIREWALL, new_only=True),
+    _jump("filter", "OUTPUT", "kpy load balancer firewall", PROXY_FIREWALL, new_only=True),
+    _jump("filter", "FORWARD", "kpy load balancer firewall", PROXY_FIREWALL, new_only=True),
+    _jump("filter", "INPUT", "kpy firewall", FIREWALL, new_only=False),
+    _jump("filter", "OUTPUT", "kpy firewall", FIREWALL, new_only=False),
 )
 """Every jump from a built-in chain into ours, in the order they are ensured."""
 
@@ -137,9 +165,23 @@ class RenderContext:
     masquerade_all: bool
     nodeport_scope: tuple[str, ...] | None
     """Destination CIDRs where NodePorts are open; None means every local address."""
+    localhost_nodeports: bool = False
+    """NodePorts answer on 127.0.0.1 (IPv4 only; needs route_localnet=1, which the
+    backend sets, and the martian rule in KPY-FIREWALL)."""
+    node_ips: tuple[str, ...] = ()
+    """This node's addresses of this family: a load-balancer source range holding one
+    lets the node reach the LB IPs (upstream's allowFromNode)."""
 
     @classmethod
-    def build(cls, node: NodeContext, *, family: IPFamily, masquerade_bit: int) -> RenderContext:
+    def build(
+        cls,
+        node: NodeContext,
+        *,
+        family: IPFamily,
+        masquerade_bit: int,
+        localhost_nodeports: bool = False,
+    ) -> RenderContext:
+        scope = nodeport_scope(node, family)
         return cls(
             family=family,
             mark=hex(1 << masquerade_bit),
@@ -147,12 +189,22 @@ class RenderContext:
                 _normalize_cidr(cidr) for cidr in node.cluster_cidrs if _family(cidr) == family
             ),
             masquerade_all=node.masquerade_all,
-            nodeport_scope=nodeport_scope(node, family),
+            nodeport_scope=scope,
+            localhost_nodeports=localhost_nodeports
+            and family is IPFamily.V4
+            and _scope_has_loopback(scope),
+            node_ips=tuple(ip for ip in node.node_ips if _family(ip) == family),
         )
 
     @property
     def host_suffix(self) -> str:
         return "/128" if self.family is IPFamily.V6 else "/32"
+
+
+TopLevel = tuple[str, str, str, str, str]
+"""A port's lines in (nat KPY-SERVICES, nat KPY-NODEPORTS, filter KPY-SERVICES,
+filter KPY-EXTERNAL-SERVICES, filter KPY-PROXY-FIREWALL)."""
+TOP_LEVEL_COLUMNS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,17 +220,34 @@ class PortRules:
     nat_nodeports: str
     filter_services: str
     filter_external: str
+    filter_firewall: str = ""
+    """Lines for filter KPY-PROXY-FIREWALL (load-balancer source ranges)."""
 
     @property
-    def top_level(self) -> tuple[str, str, str, str]:
+    def top_level(self) -> TopLevel:
         """The lines this port puts in the shared chains, in `top_level_change` order."""
-        return (self.nat_services, self.nat_nodeports, self.filter_services, self.filter_external)
+        return (
+            self.nat_services,
+            self.nat_nodeports,
+            self.filter_services,
+            self.filter_external,
+            self.filter_firewall,
+        )
 
     def rule_counts(self) -> tuple[int, int]:
         """(nat, filter) rules this port owns, for kubeproxy_sync_proxy_rules_iptables_total."""
         nat = self.nat_rules.count("\n") + self.nat_services.count("\n")
         nat += self.nat_nodeports.count("\n")
-        return nat, self.filter_services.count("\n") + self.filter_external.count("\n")
+        filter_ = self.filter_services.count("\n") + self.filter_external.count("\n")
+        return nat, filter_ + self.filter_firewall.count("\n")
+
+
+def _scope_has_loopback(scope: tuple[str, ...] | None) -> bool:
+    """Upstream turns localhost NodePorts off when --nodeport-addresses leaves out 127.0.0.1."""
+    if scope is None:
+        return True
+    loopback = ipaddress.ip_address("127.0.0.1")
+    return any(loopback in ipaddress.ip_network(cidr) for cidr in scope)
 
 
 def _family(address: str) -> IPFamily:
@@ -296,12 +365,36 @@ def _targets(endpoints: Sequence[Endpoint], hash_base: str, v6: bool) -> list[_T
     return targets
 
 
-def _cascade(chain: str, comment: str | None, targets: Sequence[_Target]) -> list[str]:
+_Affinity = tuple[int, str]
+"""ClientIP affinity as rendered: (timeout in seconds, `--mask` of a whole address)."""
+
+
+def _cascade(
+    chain: str,
+    comment: str | None,
+    targets: Sequence[_Target],
+    affinity: _Affinity | None = None,
+) -> list[str]:
     """The random-choice cascade: endpoint i of n is taken with probability 1/(n-i).
 
-    Without `comment` (large-cluster mode) the rules carry no comment at all.
+    With ClientIP affinity (upstream's writeServiceToEndpointRules) every endpoint first
+    gets a `-m recent --rcheck` rule: a client seen by that endpoint's list within the
+    timeout goes straight back to it; only new clients reach the cascade. Without
+    `comment` (large-cluster mode) the rules carry no comment at all.
     """
     lines: list[str] = []
+    if affinity is not None:
+        seconds, mask = affinity
+        for _, address, sep in targets:
+            head = (
+                f"-A {chain} "
+                if comment is None
+                else (f'-A {chain} -m comment --comment "{comment} -> {address}" ')
+            )
+            lines.append(
+                f"{head}-m recent --rcheck --seconds {seconds} --reap --name {sep} "
+                f"--mask {mask} --rsource -j {sep}\n"
+            )
     last = len(targets) - 1
     for index, (_, address, sep) in enumerate(targets):
         head = (
@@ -319,12 +412,20 @@ def _cascade(chain: str, comment: str | None, targets: Sequence[_Target]) -> lis
     return lines
 
 
-def _endpoint_rules(target: _Target, proto: str, host_suffix: str) -> str:
-    """Hairpin masquerade (a pod reaching itself through its service), then DNAT."""
+def _endpoint_rules(
+    target: _Target, proto: str, host_suffix: str, affinity: _Affinity | None = None
+) -> str:
+    """Hairpin masquerade (a pod reaching itself through its service), then DNAT; with
+    ClientIP affinity the DNAT rule also records the client in this endpoint's list."""
     ip, address, chain = target
+    recent = (
+        ""
+        if affinity is None
+        else f"-m recent --set --name {chain} --mask {affinity[1]} --rsource "
+    )
     return (
         f"-A {chain} -s {ip}{host_suffix} -j {MARK_MASQ}\n"
-        f"-A {chain} -p {proto} -m {proto} -j DNAT --to-destination {address}\n"
+        f"-A {chain} -p {proto} {recent}-m {proto} -j DNAT --to-destination {address}\n"
     )
 
 
@@ -359,11 +460,15 @@ def _external_chain(
     external_chain: str | None,
     ctx: RenderContext,
 ) -> list[str]:
-    """The entry for traffic from outside (NodePort): masquerade, then pick a chain.
+    """The entry for traffic to a NodePort, external IP or load-balancer IP.
 
-    With the Local external policy the client's address is kept, except for traffic
-    from pods and from the node itself, which is sent to the cluster-wide chain as if
-    it had gone out to a load balancer and come back (upstream's behaviour).
+    Cluster policy: masquerade (the endpoint may be on another node). Local policy:
+    the client's address is kept, except for traffic from pods and from the node
+    itself, which is sent to the cluster-wide chain as if it had gone out to a load
+    balancer and come back (upstream's short-circuit); the node's own traffic is
+    masqueraded, since its source would be the (local) destination address. Anything
+    else falls through to the policy chain; with no external endpoint it falls off
+    the chain undNATed and KPY-EXTERNAL-SERVICES drops it.
     """
     if not policy_local:
         lines = [
@@ -391,6 +496,39 @@ def _external_chain(
     return lines
 
 
+def _firewall_chain(
+    fw: str,
+    ext: str,
+    comment: str,
+    *,
+    ranges: Sequence[str],
+    lb_ips: Sequence[str],
+    ctx: RenderContext,
+) -> list[str]:
+    """`loadBalancerSourceRanges` as an allow list (upstream's KUBE-FW chain).
+
+    Allowed sources go on to the external chain; the rest fall off the end undNATed,
+    still addressed to the LB IP, and filter KPY-PROXY-FIREWALL drops them. When a
+    range holds this node's address, traffic from the LB IPs themselves is allowed
+    too: a VIP-like load balancer often makes the LB IP local, and the node's own
+    requests then leave with the LB IP as source.
+    """
+    head = f'-m comment --comment "{comment} loadbalancer IP"'
+    lines = [f"-A {fw} -s {cidr} {head} -j {ext}\n" for cidr in ranges]
+    allow_node = any(
+        ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
+        for ip in ctx.node_ips
+        for cidr in ranges
+    )
+    if allow_node:
+        lines.extend(f"-A {fw} -s {ip}{ctx.host_suffix} {head} -j {ext}\n" for ip in lb_ips)
+    lines.append(
+        f'-A {fw} -m comment --comment "other traffic to {comment} will be dropped by '
+        f'{PROXY_FIREWALL}"\n'
+    )
+    return lines
+
+
 def _nodeport_filter(
     proto: str, node_port: int, comment: str, target: str, ctx: RenderContext
 ) -> list[str]:
@@ -404,8 +542,119 @@ def _nodeport_filter(
 
 
 def _any_usable(state: ServicePortState) -> bool:
-    """True when some endpoint could serve, just not from this node's point of view."""
-    return any(endpoint.ready or endpoint.serving for endpoint in state.all_endpoints)
+    """Upstream's hasAnyEndpoints: some endpoint anywhere is ready, or serving and
+    terminating, even when none is usable from this node's point of view."""
+    return any(
+        endpoint.ready or (endpoint.serving and endpoint.terminating)
+        for endpoint in state.all_endpoints
+    )
+
+
+def _same_family(addresses: Iterable[str], v6: bool) -> list[str]:
+    return [address for address in addresses if (":" in address) == v6]
+
+
+@dataclass(slots=True)
+class _PortPlan:
+    """Which chains one port uses, decided once for `render_port` and `port_chains`."""
+
+    suffix: str
+    cluster: list[_Target]
+    external: list[_Target]
+    has_any: bool
+    """Some endpoint exists anywhere (upstream's hasEndpoints)."""
+    external_ips: list[str]
+    lb_ips: list[str]
+    ranges: list[str]
+    cluster_chain: str | None
+    external_chain: str | None
+    ext: str | None
+    fw: str | None
+    short: list[_Target]
+    """Where pods and the node are short-circuited with externalTrafficPolicy Local."""
+    short_chain: str | None
+
+    def own_short_chain(self) -> bool:
+        """The short-circuit chain is a chain of its own (both traffic policies Local)."""
+        return self.short_chain is not None and self.short_chain not in (
+            self.cluster_chain,
+            self.external_chain,
+        )
+
+    def chains(self) -> list[str]:
+        """The nat chains of the port, in `render_port` order."""
+        chains: list[str] = []
+        if self.cluster_chain is not None:
+            chains.append(self.cluster_chain)
+        if self.external_chain is not None and self.external_chain != self.cluster_chain:
+            chains.append(self.external_chain)
+        if self.short_chain is not None and self.own_short_chain():
+            chains.append(self.short_chain)
+        if self.ext is not None:
+            chains.append(self.ext)
+        if self.fw is not None:
+            chains.append(self.fw)
+        chains.extend(row[2] for row in self.reachable())
+        return chains
+
+    def reachable(self) -> list[_Target]:
+        """Every endpoint a chain of the port can land on, each once."""
+        short = self.short if self.own_short_chain() else []
+        if (self.external is self.cluster or not self.external) and not short:
+            return self.cluster
+        rows = (*self.cluster, *self.external, *short)
+        return list({row[2]: row for row in rows}.values())
+
+
+def _plan(name: ServicePortName, state: ServicePortState, ctx: RenderContext) -> _PortPlan:
+    port = state.port
+    hash_base = f"{name}{port.protocol.value.lower()}"
+    v6 = ctx.family is IPFamily.V6
+    cluster = _targets(state.cluster_endpoints, hash_base, v6)
+    if state.external_endpoints == state.cluster_endpoints:  # usually the same tuple
+        external = cluster
+    else:
+        external = _targets(state.external_endpoints, hash_base, v6)
+    suffix = _hash16(hash_base)
+    has_any = bool(cluster or external) or _any_usable(state)
+    external_ips = _same_family(port.external_ips, v6)
+    lb_ips = _same_family(port.load_balancer_ips, v6)
+    ranges = _same_family(port.load_balancer_source_ranges, v6)
+    cluster_chain = SVC_PREFIX + suffix if cluster else None
+    short, short_chain = cluster, cluster_chain
+    if state.short_circuit_endpoints is not None:
+        # Both traffic policies Local: as upstream, the local endpoints are KPY-SVL and
+        # the cluster-wide ones, for the short-circuit only, KPY-SVC.
+        cluster_chain = SVL_PREFIX + suffix if cluster else None
+        short = _targets(state.short_circuit_endpoints, hash_base, v6)
+        short_chain = SVC_PREFIX + suffix if short else None
+    # The external path gets its own endpoint chain only when its set differs.
+    if not external:
+        external_chain = None
+    elif external == cluster:
+        external_chain = cluster_chain
+    else:
+        external_chain = SVL_PREFIX + suffix
+    accessible = bool(port.node_port or external_ips or lb_ips)
+    # Upstream's usesExternalTrafficChain: built whenever the service has endpoints
+    # anywhere, even with none for external traffic (the short-circuit rules).
+    ext = EXT_PREFIX + suffix if has_any and accessible else None
+    fw = FW_PREFIX + suffix if ext is not None and lb_ips and ranges else None
+    return _PortPlan(
+        suffix=suffix,
+        cluster=cluster,
+        external=external,
+        has_any=has_any,
+        external_ips=external_ips,
+        lb_ips=lb_ips,
+        ranges=ranges,
+        cluster_chain=cluster_chain,
+        external_chain=external_chain,
+        ext=ext,
+        fw=fw,
+        short=short,
+        short_chain=short_chain,
+    )
 
 
 def render_port(
@@ -418,39 +667,36 @@ def render_port(
     """Everything one service port contributes to the nat and filter tables.
 
     `endpoint_comments` False is upstream's large-cluster mode: the per-endpoint rules
-    of the SVC/SVL cascades carry no comment (the top-level rules always do).
+    of the SVC/SVL chains carry no comment (the top-level rules always do).
     """
     port = state.port
     proto = port.protocol.value.lower()
     comment = str(name)
     cascade_comment = comment if endpoint_comments else None
-    hash_base = comment + proto
-    suffix = _hash16(hash_base)
-    v6 = ctx.family is IPFamily.V6
-    vips = [ip for ip in port.cluster_ips if (":" in ip) == v6]
-    cluster = _targets(state.cluster_endpoints, hash_base, v6)
-    if state.external_endpoints == state.cluster_endpoints:  # usually the same tuple
-        external = cluster
-    else:
-        external = _targets(state.external_endpoints, hash_base, v6)
+    plan = _plan(name, state, ctx)
+    vips = _same_family(port.cluster_ips, ctx.family is IPFamily.V6)
+    affinity: _Affinity | None = None
+    if port.session_affinity_seconds is not None:
+        affinity = (port.session_affinity_seconds, _RECENT_MASK[ctx.family])
 
-    chains: list[str] = []
     nat: list[str] = []
     services: list[str] = []
     nodeports: list[str] = []
     filter_services: list[str] = []
     filter_external: list[str] = []
+    filter_firewall: list[str] = []
 
-    cluster_chain = SVC_PREFIX + suffix if cluster else None
+    cluster_chain, external_chain, ext = plan.cluster_chain, plan.external_chain, plan.ext
     if cluster_chain is not None:
-        chains.append(cluster_chain)
         for vip in vips:
             match = _vip_match(vip, proto, port.port, f"{comment} cluster IP", ctx)
             services.append(f"-A {SERVICES} {match} -j {cluster_chain}\n")
             nat.extend(_cluster_masquerade(cluster_chain, match, ctx))
-        nat.extend(_cascade(cluster_chain, cascade_comment, cluster))
+        nat.extend(_cascade(cluster_chain, cascade_comment, plan.cluster, affinity))
     else:
-        local_only = port.internal_policy_local and _any_usable(state)
+        # Upstream: DROP when internalTrafficPolicy Local leaves no endpoint here while
+        # others exist (a client retries elsewhere), REJECT when there is none at all.
+        local_only = port.internal_policy_local and plan.has_any
         reason = _NO_LOCAL_ENDPOINTS if local_only else _NO_ENDPOINTS
         target = "DROP" if local_only else "REJECT"
         filter_services.extend(
@@ -458,66 +704,78 @@ def render_port(
             f"-j {target}\n"
             for vip in vips
         )
+    if external_chain is not None and external_chain != cluster_chain:
+        nat.extend(_cascade(external_chain, cascade_comment, plan.external, affinity))
+    if plan.short_chain is not None and plan.own_short_chain():
+        nat.extend(_cascade(plan.short_chain, cascade_comment, plan.short, affinity))
 
-    # The external path gets its own endpoint chain only when its set differs.
-    if not external:
-        external_chain = None
-    elif external == cluster:
-        external_chain = cluster_chain
+    # With no endpoint for external traffic: REJECT when there is none at all, DROP
+    # when externalTrafficPolicy Local leaves none on this node.
+    if plan.has_any:
+        no_external = (f"{comment} {_NO_LOCAL_ENDPOINTS}", "DROP")
     else:
-        external_chain = SVL_PREFIX + suffix
-        chains.append(external_chain)
-        nat.extend(_cascade(external_chain, cascade_comment, external))
+        no_external = (f"{comment} {_NO_ENDPOINTS}", "REJECT")
+
+    for ip in plan.external_ips:
+        if ext is not None:
+            match = _vip_match(ip, proto, port.port, f"{comment} external IP", ctx)
+            services.append(f"-A {SERVICES} {match} -j {ext}\n")
+        if external_chain is None:
+            match = _vip_match(ip, proto, port.port, no_external[0], ctx)
+            filter_external.append(f"-A {EXTERNAL_SERVICES} {match} -j {no_external[1]}\n")
+
+    lb_target = plan.fw or ext
+    for ip in plan.lb_ips:
+        if lb_target is not None:
+            match = _vip_match(ip, proto, port.port, f"{comment} loadbalancer IP", ctx)
+            services.append(f"-A {SERVICES} {match} -j {lb_target}\n")
+        if plan.fw is not None:
+            text = f"{comment} traffic not accepted by {plan.fw}"
+            match = _vip_match(ip, proto, port.port, text, ctx)
+            filter_firewall.append(f"-A {PROXY_FIREWALL} {match} -j DROP\n")
+        if external_chain is None:
+            match = _vip_match(ip, proto, port.port, no_external[0], ctx)
+            filter_external.append(f"-A {EXTERNAL_SERVICES} {match} -j {no_external[1]}\n")
 
     if port.node_port:
-        if cluster_chain is not None or external_chain is not None:
-            ext = EXT_PREFIX + suffix
-            chains.append(ext)
+        if ext is not None:
             nodeports.append(
                 f'-A {NODEPORTS} -p {proto} -m comment --comment "{comment}" '
                 f"-m {proto} --dport {port.node_port} -j {ext}\n"
             )
-            nat.extend(
-                _external_chain(
-                    ext,
-                    comment,
-                    policy_local=port.external_policy_local,
-                    cluster_chain=cluster_chain,
-                    external_chain=external_chain,
-                    ctx=ctx,
-                )
-            )
         if external_chain is None:
-            local_only = port.external_policy_local and (
-                cluster_chain is not None or _any_usable(state)
-            )
-            reason = _NO_LOCAL_ENDPOINTS if local_only else _NO_ENDPOINTS
             filter_external.extend(
-                _nodeport_filter(
-                    proto,
-                    port.node_port,
-                    f"{comment} {reason}",
-                    "DROP" if local_only else "REJECT",
-                    ctx,
-                )
+                _nodeport_filter(proto, port.node_port, no_external[0], no_external[1], ctx)
             )
+
+    if ext is not None:
+        nat.extend(
+            _external_chain(
+                ext,
+                comment,
+                policy_local=port.external_policy_local,
+                cluster_chain=plan.short_chain,
+                external_chain=external_chain,
+                ctx=ctx,
+            )
+        )
+    if plan.fw is not None and ext is not None:
+        nat.extend(
+            _firewall_chain(plan.fw, ext, comment, ranges=plan.ranges, lb_ips=plan.lb_ips, ctx=ctx)
+        )
 
     host_suffix = ctx.host_suffix
-    if external is cluster or not external:
-        targets = cluster
-    else:  # each endpoint once, even when it is in both sets
-        targets = list({row[2]: row for row in (*cluster, *external)}.values())
-    for row in targets:
-        chains.append(row[2])
-        nat.append(_endpoint_rules(row, proto, host_suffix))
+    for row in plan.reachable():
+        nat.append(_endpoint_rules(row, proto, host_suffix, affinity))
 
     return PortRules(
-        nat_chains=tuple(chains),
+        nat_chains=tuple(plan.chains()),
         nat_rules="".join(nat),
         nat_services="".join(services),
         nat_nodeports="".join(nodeports),
         filter_services="".join(filter_services),
         filter_external="".join(filter_external),
+        filter_firewall="".join(filter_firewall),
     )
 
 
@@ -526,28 +784,7 @@ def port_chains(name: ServicePortName, state: ServicePortState, ctx: RenderConte
     formatting a single rule: a full sync declares every chain first, sorted, which
     iptables-legacy-restore loads about 30% faster than chains declared as they come
     (measured at 10k x 10: 6.4 s against 8.7 s)."""
-    proto = state.port.protocol.value.lower()
-    hash_base = f"{name}{proto}"
-    v6 = ctx.family is IPFamily.V6
-    cluster = _targets(state.cluster_endpoints, hash_base, v6)
-    if state.external_endpoints == state.cluster_endpoints:
-        external = cluster
-    else:
-        external = _targets(state.external_endpoints, hash_base, v6)
-    chains: list[str] = []
-    if cluster or external:
-        suffix = _hash16(hash_base)
-        if cluster:
-            chains.append(SVC_PREFIX + suffix)
-        if external and external != cluster:
-            chains.append(SVL_PREFIX + suffix)
-        if state.port.node_port:
-            chains.append(EXT_PREFIX + suffix)
-    if external is cluster or not external:
-        chains.extend(row[2] for row in cluster)
-    else:
-        chains.extend({row[2]: row for row in (*cluster, *external)})
-    return chains
+    return _plan(name, state, ctx).chains()
 
 
 # -- whole-ruleset assembly ---------------------------------------------------------------
@@ -571,7 +808,20 @@ def _static_nat_rules(ctx: RenderContext) -> list[str]:
 
 def _static_filter_rules(ctx: RenderContext) -> list[str]:
     mark = ctx.mark
+    # route_localnet=1 (localhost NodePorts) would let anyone who can route 127/8 to
+    # this node reach its loopback services: drop such martians unless they are
+    # replies or were DNATed by us (upstream's rule, kubelet writes the same one).
+    martians = (
+        [
+            f"-A {FIREWALL} ! -s {_LOOPBACK_V4} -d {_LOOPBACK_V4} "
+            '-m comment --comment "block incoming localnet connections" '
+            "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n"
+        ]
+        if ctx.localhost_nodeports
+        else []
+    )
     return [
+        *martians,
         f"-A {FORWARD} -m conntrack --ctstate INVALID -j DROP\n",
         f'-A {FORWARD} -m comment --comment "kpy forwarding rules" '
         f"-m mark --mark {mark}/{mark} -j ACCEPT\n",
@@ -596,7 +846,17 @@ def static_filter_chains() -> tuple[str, ...]:
 def _nodeports_jump(ctx: RenderContext) -> list[str]:
     comment = '-m comment --comment "kpy service nodeports; NOTE: this must be the last rule"'
     if ctx.nodeport_scope is None:
-        return [f"-A {SERVICES} {comment} -m addrtype --dst-type LOCAL -j {NODEPORTS}\n"]
+        # Loopback NodePorts only where they work: IPv4 with localhost NodePorts on
+        # (route_localnet), never IPv6 (upstream's rule).
+        if ctx.family is IPFamily.V6:
+            not_loopback = "! -d ::1/128 "
+        elif not ctx.localhost_nodeports:
+            not_loopback = f"! -d {_LOOPBACK_V4} "
+        else:
+            not_loopback = ""
+        return [
+            f"-A {SERVICES} {not_loopback}{comment} -m addrtype --dst-type LOCAL -j {NODEPORTS}\n"
+        ]
     return [
         f"-A {SERVICES} -d {cidr} {comment} -m addrtype --dst-type LOCAL -j {NODEPORTS}\n"
         for cidr in ctx.nodeport_scope
@@ -621,6 +881,7 @@ class SharedLines:
     nat_nodeports: list[str] = field(default_factory=list)
     filter_services: list[str] = field(default_factory=list)
     filter_external: list[str] = field(default_factory=list)
+    filter_firewall: list[str] = field(default_factory=list)
     nat_rules: int = 0
     filter_rules: int = 0
     chains: int = 0
@@ -630,6 +891,7 @@ class SharedLines:
         self.nat_nodeports.append(rules.nat_nodeports)
         self.filter_services.append(rules.filter_services)
         self.filter_external.append(rules.filter_external)
+        self.filter_firewall.append(rules.filter_firewall)
         nat, filter_ = rules.rule_counts()
         self.nat_rules += nat
         self.filter_rules += filter_
@@ -700,6 +962,7 @@ def _filter_full(
         *_static_filter_rules(ctx),
         *shared.filter_services,
         *shared.filter_external,
+        *shared.filter_firewall,
         *_insert_lines(insert_jumps, "filter"),
         *_deletions(delete_filter),
     ]
@@ -781,30 +1044,26 @@ class TopLevelChange:
     nat_lines: tuple[str, ...] = ()
 
 
-def top_level_change(
-    old: Sequence[tuple[str, str, str, str]], new: Sequence[tuple[str, str, str, str]]
-) -> TopLevelChange:
+def top_level_change(old: Sequence[TopLevel], new: Sequence[TopLevel]) -> TopLevelChange:
     """`-D` the top-level rules that went away and add the new ones, nothing else.
 
-    `old` and `new` hold, per changed port, its (nat KPY-SERVICES, nat KPY-NODEPORTS,
-    filter KPY-SERVICES, filter KPY-EXTERNAL-SERVICES) lines as rendered. Rules in
-    these chains match disjoint destinations, so their order does not matter, except
-    that the NodePorts jump must stay last in nat KPY-SERVICES: new ClusterIP rules are
-    inserted at its top. Deletions come before additions, so a rule that only moved
-    from one port to another is deleted and added back, never left twice.
+    `old` and `new` hold, per changed port, its `PortRules.top_level` lines as
+    rendered. Rules in these chains match disjoint destinations, so their order does
+    not matter, except that the NodePorts jump must stay last in nat KPY-SERVICES: new
+    ClusterIP, external and load-balancer IP rules are inserted at its top. Deletions
+    come before additions, so a rule that only moved from one port to another is
+    deleted and added back, never left twice.
     """
-    removed: list[list[str]] = [[], [], [], []]
-    added: list[list[str]] = [[], [], [], []]
-    gone = [_lines(column) for column in zip(*old, strict=True)] if old else [set()] * 4
-    come = [_lines(column) for column in zip(*new, strict=True)] if new else [set()] * 4
-    for index in range(4):
-        removed[index] = sorted(gone[index] - come[index])
-        added[index] = sorted(come[index] - gone[index])
+    columns = TOP_LEVEL_COLUMNS
+    gone = [_lines(column) for column in zip(*old, strict=True)] if old else [set()] * columns
+    come = [_lines(column) for column in zip(*new, strict=True)] if new else [set()] * columns
+    removed = [sorted(gone[index] - come[index]) for index in range(columns)]
+    added = [sorted(come[index] - gone[index]) for index in range(columns)]
     nat = [*_as_deletes(removed[0]), *_as_deletes(removed[1])]
     nat.extend(f"-I {SERVICES} 1 {line[len(SERVICES) + 4 :]}\n" for line in added[0])
     nat.extend(f"{line}\n" for line in added[1])
-    filter_ = [*_as_deletes(removed[2]), *_as_deletes(removed[3])]
-    filter_.extend(f"{line}\n" for index in (2, 3) for line in added[index])
+    filter_ = [line for index in range(2, columns) for line in _as_deletes(removed[index])]
+    filter_.extend(f"{line}\n" for index in range(2, columns) for line in added[index])
     return TopLevelChange(filter_lines=tuple(filter_), nat_lines=tuple(nat))
 
 

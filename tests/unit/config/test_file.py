@@ -176,7 +176,8 @@ def test_known_but_unimplemented_fields_are_reported_only_when_not_default() -> 
         )
     )
     # conntrack.* and ipvs.* are implemented now: never "unsupported", whatever they hold.
-    assert config.unsupported_fields == ("featureGates", "iptables.localhostNodePorts")
+    assert config.unsupported_fields == ("featureGates",)
+    assert config.values["localhost_nodeports"] is False
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ CASES: dict[str, list[str]] = {
         "--hostname-override=Node-A",
         "--cluster-cidr=198.18.0.0/16,fd00::/64",
         "--masquerade-all",
+        "--iptables-localhost-nodeports=false",
         "--nodeport-addresses=198.18.0.0/24,fd00::/64",
         "--metrics-bind-address=0.0.0.0:9100",
         "--healthz-bind-address=[::1]:9999",
@@ -142,6 +143,7 @@ def test_the_default_document() -> None:
         "healthzBindAddress": "0.0.0.0:10256",
         "logging": {"verbosity": 0},
         "iptables": {
+            "localhostNodePorts": True,
             "masqueradeAll": False,
             "masqueradeBit": 14,
             "minSyncPeriod": "1s",
