@@ -30,18 +30,21 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lab.innetns import run_in_netns
-from lab.netns import CLIENT_IP, CLUSTER_CIDR, NODE_IP
+from lab.netns import CLIENT_IP, CLUSTER_CIDR, CLUSTER_CIDR6, NODE_IP
 from lab.probe import EchoReply, ProbeFailure, Proto, probe, spread
 from proxy.backends.base import create as create_backend
+from proxy.conntrack import StaleFlowCleaner
+from proxy.kernel.conntrack import NetlinkConntrack
 from proxy.model import (
     Endpoint,
+    IPFamily,
     NodeContext,
     Protocol,
     ProxyState,
@@ -611,3 +614,167 @@ def test_sctp_cluster_ip_and_node_port_reach_every_endpoint(
     # An SCTP service without endpoints: nothing gets through.
     backend.sync(state(categorized(port, [])), SyncHint(full=False, changed=frozenset({name})))
     assert sctp_probe(packet_lab, "pod2", VIP, 9, timeout=QUICK) is None
+
+
+# ---------------------------------------------------------------- IPV6 (dual-stack)
+
+# A dual-stack node runs one backend per family (`proxy.app.family_backends`); here the
+# IPv6 one, on the lab's IPv6 plan (2001:2::/48, see lab.netns), with a dual-stack
+# service whose IPv4 half this backend must ignore.
+
+VIP6 = "2001:2:0:ff::10"
+EMPTY_VIP6 = "2001:2:0:ff::20"
+
+
+@pytest.fixture
+def backend6(packet_lab: Lab, backend_variant: BackendVariant) -> Iterator[Driven]:
+    config = replace(backend_variant.config(packet_lab.topo.node_ns), family=IPFamily.V6)
+    made = Driven(create_backend(backend_variant.backend, config))
+    yield made
+    made.cleanup()
+
+
+def dual_stack_state(lab: Lab, proto: Proto) -> ProxyState:
+    pods = lab.pods
+    eps = [
+        Endpoint(pods[name].ip6, ECHO_PORT[proto], node_name=NODE_NAME, is_local=True)
+        for name in ("pod0", "pod1")
+    ] + [Endpoint(pods[name].ip, ECHO_PORT[proto], node_name=NODE_NAME) for name in ("pod0",)]
+    web = ServicePort(
+        name=port_name("dual", proto),
+        cluster_ips=(VIP, VIP6),
+        port=SERVICE_PORT[proto],
+        node_port=NODE_PORT[proto],
+    )
+    empty = ServicePort(name=port_name("empty6", proto), cluster_ips=(EMPTY_VIP6,), port=81)
+    node = NodeContext(
+        node_name=NODE_NAME,
+        node_ips=(NODE_IP, lab.topo.node_ip6),
+        cluster_cidrs=(CLUSTER_CIDR, CLUSTER_CIDR6),
+    )
+    ports = (categorized(web, eps), categorized(empty, ()))
+    return ProxyState(node=node, services={p.name: p for p in ports})
+
+
+@pytest.mark.feature("ipv6")
+@pytest.mark.parametrize("proto", PROTOS)
+def test_ipv6_cluster_ip_and_node_port_spread_over_the_ipv6_endpoints(
+    packet_lab: Lab, backend6: Driven, proto: Proto
+) -> None:
+    backend6.sync(dual_stack_state(packet_lab, proto), FULL)
+    topo = packet_lab.topo
+    from_pod = answers(packet_lab, "pod2", VIP6, SERVICE_PORT[proto], proto, REQUESTS)
+    assert pods_of(from_pod) == {"pod0", "pod1"}
+    assert {r.src_ip for r in from_pod} == {packet_lab.pods["pod2"].ip6}  # inside: kept
+    from_client = answers(packet_lab, "client", VIP6, SERVICE_PORT[proto], proto, REQUESTS)
+    assert pods_of(from_client) == {"pod0", "pod1"}
+    assert topo.client_ip6 not in {r.src_ip for r in from_client}  # outside: masqueraded
+    node_port = answers(packet_lab, "client", topo.node_ip6, NODE_PORT[proto], proto, REQUESTS)
+    assert pods_of(node_port) == {"pod0", "pod1"}
+
+
+@pytest.mark.feature("ipv6")
+def test_ipv6_service_without_endpoints_is_rejected(packet_lab: Lab, backend6: Driven) -> None:
+    backend6.sync(dual_stack_state(packet_lab, "tcp"), FULL)
+    # Over veth the ICMPv6 error can come back while connect() still holds the socket
+    # lock, and the kernel drops it; the SYN retransmitted after 1 s is then refused.
+    result = probe(packet_lab.topo.client_ns, EMPTY_VIP6, 81, "tcp", timeout=2.5)
+    assert result == ProbeFailure("refused", "Connection refused"), result
+
+
+# ---------------------------------------------------------------- stale UDP conntrack
+
+# The cleanup is the core's (`proxy.conntrack`, after any backend's committed sync);
+# these tests run it after this backend's sync, as the proxier's after-sync hook does,
+# and prove with one UDP socket pinned to a source port that its flow moves.
+
+
+class PinnedUdp:
+    """A UDP socket in `netns` with one source port for its whole life."""
+
+    _ports = iter(range(19101, 19199))
+
+    def __init__(self, netns: str, dst: str, port: int) -> None:
+        self.sock = run_in_netns(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        self.sock.bind(("0.0.0.0", next(self._ports)))
+        self.sock.settimeout(QUICK)
+        self.sock.connect((dst, port))
+
+    def answered_by(self) -> str | None:
+        try:
+            self.sock.send(b"probe\n")
+            data = self.sock.recv(4096)
+        except OSError:
+            return None
+        return EchoReply.parse(data.decode()).pod
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def clean_stale_flows(
+    lab: Lab,
+    synced: ProxyState,
+    hint: SyncHint,
+    previous: dict[ServicePortName, ServicePortState],
+) -> None:
+    """What the proxier's after-sync hook does for this family once the rules are in."""
+    cleaner = StaleFlowCleaner(NetlinkConntrack(lab.topo.node_ns), _NoCleanupMetrics())
+    cleaner.after_sync(synced, SyncHint(hint.full, hint.changed, previous, hint.node_changed))
+
+
+class _NoCleanupMetrics:
+    def count_conntrack_deleted(self, family: IPFamily, count: int) -> None:
+        pass
+
+    def observe_conntrack_cleanup(self, family: IPFamily, seconds: float) -> None:
+        pass
+
+    def count_conntrack_failure(self) -> None:
+        pass
+
+
+@pytest.mark.feature("stale-udp-conntrack")
+def test_a_pinned_udp_flow_moves_off_a_removed_endpoint(packet_lab: Lab, backend: Driven) -> None:
+    port = service_port("dns", "udp")
+    before = state(categorized(port, endpoints(packet_lab, "udp", ["pod0", "pod1"])))
+    backend.sync(before, FULL)
+    flow = PinnedUdp(packet_lab.pods["pod2"].netns, VIP, SERVICE_PORT["udp"])
+    try:
+        first = flow.answered_by()
+        assert first in {"pod0", "pod1"}
+        assert {flow.answered_by() for _ in range(5)} == {first}  # conntrack pins it
+        kept = "pod1" if first == "pod0" else "pod0"
+        after = state(categorized(port, endpoints(packet_lab, "udp", [kept])))
+        hint = SyncHint(full=False, changed=frozenset({port.name}))
+        previous = dict(backend.synced)
+        backend.sync(after, hint)
+        # The removed endpoint still runs: without the cleanup the flow would stay on it.
+        assert flow.answered_by() == first
+        clean_stale_flows(packet_lab, after, hint, previous)
+        assert flow.answered_by() == kept
+    finally:
+        flow.close()
+
+
+@pytest.mark.feature("stale-udp-conntrack")
+def test_a_udp_flow_cached_before_the_service_existed_reaches_its_first_endpoint(
+    packet_lab: Lab, backend: Driven
+) -> None:
+    """Datagrams sent to a VIP before any rule exists for it are routed like any other
+    address, and conntrack remembers that flow without NAT: without the cleanup, the
+    same source port would never reach the service (a REJECTed first packet is not a
+    problem: it is dropped before conntrack confirms its flow)."""
+    port = service_port("dns0", "udp")
+    backend.sync(state(), FULL)
+    flow = PinnedUdp(packet_lab.pods["pod2"].netns, VIP, SERVICE_PORT["udp"])
+    try:
+        assert flow.answered_by() is None  # no service yet: nobody answers
+        after = state(categorized(port, endpoints(packet_lab, "udp", ["pod0"])))
+        hint = SyncHint(full=False, changed=frozenset({port.name}))
+        previous = dict(backend.synced)
+        backend.sync(after, hint)
+        clean_stale_flows(packet_lab, after, hint, previous)
+        assert flow.answered_by() == "pod0"
+    finally:
+        flow.close()
