@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from proxy.config.addresses import join_host_port
 from proxy.kernel.netns import run_in_netns
 from proxy.metrics import HttpServer, Response, Route, start_http_server
 from proxy.model import (
@@ -100,23 +101,34 @@ def health_body(key: ServiceKey, local_endpoints: int, proxy_healthy: bool) -> b
 
 
 def listen_addresses(node: NodeContext) -> tuple[str, ...]:
-    """Where health-check node ports listen: every address, or those nodePortAddresses allows."""
+    """Where health-check node ports listen: every address, or those nodePortAddresses allows.
+
+    Both families, as upstream's per-family servers: every address is `::` (which also
+    takes IPv4 there) on a node with an IPv6 address, else `0.0.0.0`; "primary" is the
+    node's first address of each family (upstream's GetNodeHostIPs); a CIDR takes the
+    node's addresses inside it.
+    """
+    every = ("::",) if any(":" in ip for ip in node.node_ips) else ALL_ADDRESSES
     if not node.nodeport_addresses:
-        return ALL_ADDRESSES
+        return every
     chosen: list[str] = []
-    ipv4 = [ip for ip in node.node_ips if ":" not in ip]  # what an IPv4 proxier serves
     for raw in node.nodeport_addresses:
         entry = raw.strip()
         if entry == "primary":
-            chosen.extend(ipv4)
-            continue
-        if ":" in entry:
+            for v6 in (False, True):
+                first = next((ip for ip in node.node_ips if (":" in ip) == v6), None)
+                if first is not None:
+                    chosen.append(first)
             continue
         network = ipaddress.ip_network(entry, strict=False)
         if network.prefixlen == 0:
-            return ALL_ADDRESSES
-        chosen.extend(ip for ip in ipv4 if ipaddress.ip_address(ip) in network)
-    return tuple(dict.fromkeys(chosen)) or ALL_ADDRESSES
+            return every
+        chosen.extend(
+            ip
+            for ip in node.node_ips
+            if (":" in ip) == (network.version == 6) and ipaddress.ip_address(ip) in network
+        )
+    return tuple(dict.fromkeys(chosen)) or every
 
 
 def wanted(states: Iterable[ServicePortState]) -> tuple[int, int]:
@@ -201,7 +213,8 @@ class ServiceHealthServers:
         servers: list[HttpServer] = []
         try:
             for address in addresses:
-                bind = functools.partial(self._listen, f"{address}:{port}", self._route_for(key))
+                where = join_host_port(address, port)
+                bind = functools.partial(self._listen, where, self._route_for(key))
                 servers.append(run_in_netns(self._netns, bind))
         except OSError as err:
             for server in servers:

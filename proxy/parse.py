@@ -368,8 +368,12 @@ def parse_node(raw: Mapping[str, Any]) -> NodeInfo:
     meta = raw.get("metadata") or {}
     labels = dict(meta.get("labels") or {})
     addresses: list[str] = []
-    for entry in (raw.get("status") or {}).get("addresses") or []:
-        if entry.get("type") in ("InternalIP", "ExternalIP"):
+    entries = (raw.get("status") or {}).get("addresses") or []
+    # As upstream's GetNodeHostIPs: InternalIPs first, then ExternalIPs, each in order.
+    for kind in ("InternalIP", "ExternalIP"):
+        for entry in entries:
+            if entry.get("type") != kind:
+                continue
             ip = normalize_ip(str(entry.get("address") or ""))
             if ip is not None and ip not in addresses:
                 addresses.append(ip)

@@ -206,11 +206,15 @@ def _has_port(lab: LabCluster, node_port: int) -> bool:
 # -- healthCheckNodePort -----------------------------------------------------------------
 
 
-def http_get_from_client(lab: LabCluster, port: int) -> tuple[int, dict[str, str], str]:
+def http_get_from_client(
+    lab: LabCluster, port: int, *, ipv6: bool = False
+) -> tuple[int, dict[str, str], str]:
     """GET / on the node's address from the client namespace: (status, headers, body)."""
-    with socket_in(lab.topology.client_ns, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    node_ip = lab.topology.node_ip6 if ipv6 else lab.topology.node_ip
+    with socket_in(lab.topology.client_ns, socket.SOCK_STREAM, family) as sock:
         sock.settimeout(2.0)
-        sock.connect((lab.topology.node_ip, port))
+        sock.connect((node_ip, port))
         sock.sendall(b"GET / HTTP/1.1\r\nHost: lb-probe\r\nConnection: close\r\n\r\n")
         chunks = []
         while chunk := sock.recv(4096):
@@ -259,6 +263,8 @@ def test_health_check_node_port_answers_for_a_local_service(lab: LabCluster) -> 
     lab.add_pod("lb-1", {"app": "lb"})
     lab.wait_for("200 with a local endpoint", lambda: answer()[0] == 200)
     assert answer()[1]["localEndpoints"] == 1
+    # A dual-stack node answers on its IPv6 address too (upstream: a server per family).
+    assert http_get_from_client(lab, health_port, ipv6=True)[0] == 200
     lab.remove_pod("lb-1")
     lab.wait_for("503 again without one", lambda: answer()[0] == 503)
     # The service goes: so does its server.

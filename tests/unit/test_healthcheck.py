@@ -125,14 +125,18 @@ def test_local_endpoints_are_ready_local_ones_counted_once_per_address() -> None
 
 
 def test_listen_addresses_follow_node_port_addresses() -> None:
-    node = NodeContext("n1", ("198.18.0.2", "198.18.1.2", "fd00::2"))
-    assert listen_addresses(node) == ("0.0.0.0",)
-    narrowed = NodeContext("n1", node.node_ips, nodeport_addresses=("198.18.1.0/24",))
-    assert listen_addresses(narrowed) == ("198.18.1.2",)
+    single = NodeContext("n1", ("198.18.0.2", "198.18.1.2"))
+    assert listen_addresses(single) == ("0.0.0.0",)
+    node = NodeContext("n1", ("198.18.0.2", "198.18.1.2", "2001:2::2", "2001:2::3"))
+    assert listen_addresses(node) == ("::",)  # dual-stack: :: takes IPv4 too
+    narrowed = NodeContext(
+        "n1", node.node_ips, nodeport_addresses=("198.18.1.0/24", "2001:2::3/128")
+    )
+    assert listen_addresses(narrowed) == ("198.18.1.2", "2001:2::3")
     primary = NodeContext("n1", node.node_ips, nodeport_addresses=("primary",))
-    assert listen_addresses(primary) == ("198.18.0.2", "198.18.1.2")
+    assert listen_addresses(primary) == ("198.18.0.2", "2001:2::2")  # first of each family
     everything = NodeContext("n1", node.node_ips, nodeport_addresses=("0.0.0.0/0",))
-    assert listen_addresses(everything) == ("0.0.0.0",)
+    assert listen_addresses(everything) == ("::",)
 
 
 def test_503_without_local_endpoints_200_with_and_503_when_the_proxy_is_unhealthy(

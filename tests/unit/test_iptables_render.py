@@ -288,14 +288,16 @@ def test_external_local_policy_without_local_endpoints_drops_nodeport_traffic() 
     ("addresses", "scope"),
     [
         ((), None),
-        (("primary",), ("198.18.0.1/32",)),
+        (("primary",), ("198.18.0.1/32",)),  # the first address of the family only
         (("198.18.0.0/24", "2001:db8::/64"), ("198.18.0.0/24",)),
         (("198.18.0.0/24", "0.0.0.0/0"), None),
         (("2001:db8::/64",), ()),
     ],
 )
 def test_nodeport_scope(addresses: tuple[str, ...], scope: tuple[str, ...] | None) -> None:
-    node = NodeContext("node-a", ("198.18.0.1", "2001:db8::1"), nodeport_addresses=addresses)
+    node = NodeContext(
+        "node-a", ("198.18.0.1", "2001:db8::1", "198.18.0.9"), nodeport_addresses=addresses
+    )
     assert render.nodeport_scope(node, IPFamily.V4) == scope
 
 

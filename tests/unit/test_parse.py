@@ -373,3 +373,22 @@ def test_an_affinity_timeout_in_range_is_kept_silently() -> None:
     assert isinstance(parsed, ServiceInfo)
     assert parsed.ports[0].session_affinity_seconds == 86400
     assert sink.seen == []
+
+
+def test_node_addresses_put_internal_ips_before_external_ones_as_upstream() -> None:
+    """GetNodeHostIPs: InternalIPs first, then ExternalIPs; "primary" NodePorts take the
+    first of each family from this order."""
+    node = parse_node(
+        {
+            "metadata": {"name": "n1"},
+            "status": {
+                "addresses": [
+                    {"type": "ExternalIP", "address": "198.18.9.9"},
+                    {"type": "Hostname", "address": "n1"},
+                    {"type": "InternalIP", "address": "2001:2::2"},
+                    {"type": "InternalIP", "address": "198.18.0.2"},
+                ]
+            },
+        }
+    )
+    assert node.addresses == ("2001:2::2", "198.18.0.2", "198.18.9.9")

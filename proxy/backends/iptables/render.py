@@ -271,7 +271,10 @@ def nodeport_scope(node: NodeContext, family: IPFamily) -> tuple[str, ...] | Non
     host = "/128" if family is IPFamily.V6 else "/32"
     for entry in node.nodeport_addresses:
         if entry.strip() == "primary":
-            scope.extend(f"{ip}{host}" for ip in node.node_ips if _family(ip) == family)
+            # Upstream's GetNodeHostIPs: the node's first address of this family.
+            first = next((ip for ip in node.node_ips if _family(ip) == family), None)
+            if first is not None:
+                scope.append(f"{first}{host}")
             continue
         if _family(entry) != family:
             continue
