@@ -279,6 +279,7 @@ FEATURES: dict[str, str] = {
     "external-ips": "externalIPs",
     "localhost-nodeports": "NodePorts on 127.0.0.1 from the node (IPv4)",
     "sctp": "SCTP ClusterIP and NodePort",
+    "nodeport-addresses": "nodePortAddresses: CIDRs and primary (the Node's first address)",
     "ipv6": "IPv6 (dual-stack): ClusterIP, NodePort and REJECT through the family's own backend",
     "stale-udp-conntrack": "stale UDP conntrack flows deleted after the rules change "
     "(an endpoint removed; flows cached before the service had endpoints)",

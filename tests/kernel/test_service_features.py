@@ -778,3 +778,33 @@ def test_a_udp_flow_cached_before_the_service_existed_reaches_its_first_endpoint
         assert flow.answered_by() == "pod0"
     finally:
         flow.close()
+
+
+# ---------------------------------------------------------------- nodePortAddresses
+
+
+@pytest.mark.feature("nodeport-addresses")
+@pytest.mark.parametrize("allowed", [(), ("198.18.0.0/24",), ("primary",)])
+def test_node_ports_open_only_on_the_addresses_node_port_addresses_allows(
+    packet_lab: Lab, backend: Driven, allowed: tuple[str, ...]
+) -> None:
+    """The node has two addresses: its uplink's (198.18.0.2, its Node address) and the pod
+    gateway on every pod veth (198.18.64.1). Unset, NodePorts answer on both; a CIDR or
+    "primary" (the Node's first address of the family) leaves the gateway out."""
+    port = service_port("np", "tcp", node_port=NODE_PORT["tcp"])
+    node = NodeContext(
+        node_name=NODE_NAME,
+        node_ips=(NODE_IP,),
+        cluster_cidrs=(CLUSTER_CIDR,),
+        nodeport_addresses=allowed,
+    )
+    desired = categorized(port, endpoints(packet_lab, "tcp", ["pod0", "pod1"]))
+    backend.sync(ProxyState(node=node, services={port.name: desired}), FULL)
+    on_node_ip = answers(packet_lab, "client", NODE_IP, NODE_PORT["tcp"], "tcp", REQUESTS)
+    assert pods_of(on_node_ip) == {"pod0", "pod1"}
+    gateway = packet_lab.topo.pod_gateway_ip
+    result = probe(packet_lab.pods["pod2"].netns, gateway, NODE_PORT["tcp"], "tcp", timeout=QUICK)
+    if allowed:
+        assert result == ProbeFailure("refused", "Connection refused"), result  # nobody listens
+    else:
+        assert isinstance(result, EchoReply) and result.pod in {"pod0", "pod1"}, result
