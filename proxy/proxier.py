@@ -51,7 +51,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -274,16 +274,25 @@ class Proxier:
             self._metrics.set_last_sync_timestamp(now_wall, family=lane.family)
             self._health.updated(lane.family)
             return None
+        v6 = lane.family is IPFamily.V6
         hint = SyncHint(
             full=full,
             changed=frozenset(lane.unsynced),
             previous=MappingProxyType(
-                {name: old for name, old in lane.unsynced.items() if old is not None}
+                {
+                    name: old
+                    for name, old in lane.unsynced.items()
+                    if old is not None and _has_cluster_ip(old, v6)
+                }
             ),
             node_changed=node_changed,
         )
+        # The backend sees only the ports with a ClusterIP of its family (upstream's
+        # per-family service tracker skips the others), so a single-stack IPv4 service
+        # opens no IPv6 NodePort; the hooks below get every port.
+        view = ProxyState(node=state.node, services=FamilyServices(state.services, v6=v6))
         try:
-            lane.backend.sync(state, hint)
+            lane.backend.sync(view, hint)
         except BackendError as err:
             self._failed(lane, err, full=full)
             return False
@@ -476,3 +485,63 @@ def _joined(states: Sequence[ServicePortState]) -> ServicePortState:
         external_endpoints=tuple(ep for st in states for ep in st.external_endpoints),
         all_endpoints=tuple(ep for st in states for ep in st.all_endpoints),
     )
+
+
+def _has_cluster_ip(state: ServicePortState, v6: bool) -> bool:
+    return any((":" in ip) is v6 for ip in state.port.cluster_ips)
+
+
+class FamilyServices(Mapping[ServicePortName, ServicePortState]):
+    """A read-only view of the desired ports that have a ClusterIP of one family.
+
+    What one family's backend is given: upstream's per-family proxiers never see a
+    service without a ClusterIP of their family. Lookups are O(1); iterating filters as
+    it goes, so a partial sync that looks at its changed ports costs no more than before.
+    """
+
+    __slots__ = ("_services", "_v6")
+
+    def __init__(self, services: Mapping[ServicePortName, ServicePortState], *, v6: bool) -> None:
+        self._services = services
+        self._v6 = v6
+
+    def __getitem__(self, name: ServicePortName) -> ServicePortState:
+        state = self._services[name]
+        if not _has_cluster_ip(state, self._v6):
+            raise KeyError(name)
+        return state
+
+    def __contains__(self, name: object) -> bool:
+        state = self._services.get(name) if isinstance(name, ServicePortName) else None
+        return state is not None and _has_cluster_ip(state, self._v6)
+
+    def __iter__(self) -> Iterator[ServicePortName]:
+        v6 = self._v6
+        return (name for name, state in self._services.items() if _has_cluster_ip(state, v6))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def items(self) -> ItemsView[ServicePortName, ServicePortState]:
+        return _FilteredItems(self)
+
+    def values(self) -> ValuesView[ServicePortState]:
+        return _FilteredValues(self)
+
+
+class _FilteredItems(ItemsView[ServicePortName, ServicePortState]):
+    _mapping: FamilyServices
+
+    def __iter__(self) -> Iterator[tuple[ServicePortName, ServicePortState]]:
+        view = self._mapping
+        v6 = view._v6
+        return ((n, s) for n, s in view._services.items() if _has_cluster_ip(s, v6))
+
+
+class _FilteredValues(ValuesView[ServicePortState]):
+    _mapping: FamilyServices
+
+    def __iter__(self) -> Iterator[ServicePortState]:
+        view = self._mapping
+        v6 = view._v6
+        return (s for s in view._services.values() if _has_cluster_ip(s, v6))

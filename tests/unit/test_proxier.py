@@ -478,7 +478,13 @@ def v6_eps(name: str, *ips: str, ready: bool = True) -> dict[str, Any]:
 def test_a_family_whose_kernel_refuses_is_retried_fully_alone() -> None:
     """Upstream runs one proxier per family: the IPv6 side failing must not turn every
     IPv4 sync into a full rewrite (at 10k services that is seconds per retry)."""
-    h = synced(DualHarness())
+    h = DualHarness()
+    for name, ip in (("web", "198.19.0.10"), ("api", "198.19.0.11")):
+        h.services.on_add(dual_svc(name, ip))
+    h.slices.on_add(eps("web", "198.18.64.5"))
+    h.services.on_synced()
+    h.slices.on_synced()
+    h.proxier.sync()
     assert [hint.full for _, hint in h.backend.calls] == [True]
     assert [hint.full for _, hint in h.v6.calls] == [True]
     assert h.health.updated_families == [IPFamily.V4, IPFamily.V6]
@@ -504,6 +510,33 @@ def test_a_family_whose_kernel_refuses_is_retried_fully_alone() -> None:
     assert h.health.updated_families[3:] == [IPFamily.V4, IPFamily.V6]
     # Each family observes the change's trigger time once, when it has written it.
     assert h.metrics.programming_families == [IPFamily.V4, IPFamily.V6]
+
+
+def dual_svc(name: str, ip: str, node_port: int | None = None) -> dict[str, Any]:
+    service = svc(name, ip, node_port=node_port)
+    service["spec"]["clusterIPs"] = [ip, "2001:2:0:ff::" + ip.rsplit(".", 1)[1]]
+    return service
+
+
+def test_a_backend_sees_only_the_ports_with_a_cluster_ip_of_its_family() -> None:
+    """Upstream's per-family service tracker skips a service without a ClusterIP of its
+    family: a single-stack IPv4 NodePort service must not open an IPv6 NodePort."""
+    h = DualHarness()
+    h.services.on_add(svc("v4only", "198.19.0.10", node_port=30080))
+    h.services.on_add(dual_svc("dual", "198.19.0.11"))
+    h.slices.on_add(eps("v4only", "198.18.64.5"))
+    h.services.on_synced()
+    h.slices.on_synced()
+    h.proxier.sync()
+    v4_state, _ = h.backend.calls[-1]
+    v6_state, _ = h.v6.calls[-1]
+    assert sorted(str(n) for n in v4_state) == ["ns/dual:http", "ns/v4only:http"]
+    assert sorted(str(n) for n in v6_state) == ["ns/dual:http"]
+    # The v4-only service goes: the IPv6 backend is told nothing it ever had.
+    h.services.on_delete(svc("v4only", "198.19.0.10", node_port=30080))
+    h.proxier.sync()
+    _, v6_hint = h.v6.calls[-1]
+    assert dict(v6_hint.previous) == {}
 
 
 def test_each_family_falls_back_to_terminating_endpoints_on_its_own() -> None:
