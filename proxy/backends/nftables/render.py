@@ -165,8 +165,8 @@ class PortElements:
     elements: tuple[Element, ...]
     chains: frozenset[str]
     """The shared dnat chains its verdict elements jump to (they must exist)."""
-    hairpin: frozenset[str]
-    """Addresses of its endpoints: each needs an `ip . ip` element in @hairpin."""
+    hairpin: tuple[str, ...]
+    """Addresses of its endpoints, each once: each needs an `ip . ip` element in @hairpin."""
 
 
 # -- per-port rendering -------------------------------------------------------------
@@ -261,7 +261,9 @@ def render_port(state: ServicePortState, ctx: RenderContext) -> PortElements:
         else:
             out.append((NO_ENDPOINT_NODEPORTS, key, no_external))
 
-    hairpin = frozenset(endpoint.ip for endpoint in (*cluster, *external))
+    # In endpoint order (a frozenset's order changes with the hash seed, and so would
+    # the script).
+    hairpin = tuple(dict.fromkeys(endpoint.ip for endpoint in (*cluster, *external)))
     return PortElements(tuple(out), frozenset(chains), hairpin)
 
 
