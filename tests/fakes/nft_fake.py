@@ -2,7 +2,7 @@
 
 It understands the commands the nftables backend writes (`add/delete table`,
 `add/flush/delete chain`, `add rule`, `add map/set`, `add/delete element`, `list tables`,
-`list chain`) and keeps tables, chains, rules, sets and elements. Like the kernel it
+`list chains`, `list chain`) and keeps tables, chains, rules, sets and elements. Like the kernel it
 applies a script all or nothing, and refuses:
 
 - a reference to a table, chain, set or map that does not exist (in a rule's
@@ -117,6 +117,16 @@ class FakeNft:
         verb, what = words[0], words[1]
         if (verb, what) == ("list", "tables"):
             output.extend(f"table {name}\n" for name in tables)
+            return
+        if (verb, what) == ("list", "chains"):
+            for name, listed in tables.items():
+                output.append(f"table {name} {{\n")
+                for chain, content in listed.chains.items():
+                    output.append(f"\tchain {chain} {{\n")
+                    if content.declaration:
+                        output.append(f"\t\t{content.declaration.strip('{} ')}\n")
+                    output.append("\t}\n")
+                output.append("}\n")
             return
         family, name = words[2], words[3]
         key = f"{family} {name}"

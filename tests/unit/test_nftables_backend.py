@@ -19,7 +19,7 @@ import pytest
 from proxy.backends.base import BackendConfig, BackendError, available, create
 from proxy.backends.nftables import render
 from proxy.backends.nftables.backend import NftablesBackend, offending_lines
-from proxy.kernel.nft import NftProcess, failed_line
+from proxy.kernel.nft import NftProcess, chains_by_table, failed_line
 from proxy.model import (
     Endpoint,
     IPFamily,
@@ -428,8 +428,22 @@ def test_canary_and_cleanup_touch_only_our_tables(fake: FakeNft, backend: Driven
     assert backend.cleanup() is False
 
 
-def test_drift_check_reads_one_chain_never_the_table(fake: FakeNft, backend: Driven) -> None:
+def test_drift_check_reads_chain_names_never_the_table(fake: FakeNft, backend: Driven) -> None:
     backend.sync(state(port_state(eps=endpoints(7))), FULL)
     fake.scripts.clear()
-    backend.drifted()
-    assert fake.scripts == [f"list chain {TABLE} {render.CANARY}\n"]
+    assert backend.drifted() is False
+    assert fake.scripts == ["list chains\n"]
+    fake.run(["nft", "-f", "-"], stdin=f"delete chain {TABLE} {render.CANARY}\n")
+    assert backend.drifted() is True
+
+
+def test_chains_by_table_reads_nft_list_chains() -> None:
+    listing = (
+        "table ip kube-proxy-py {\n\tchain canary {\n\t}\n\tchain nat-prerouting {\n"
+        "\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t}\n}\n"
+        "table ip6 kube-proxy-py {\n}\n"
+    )
+    assert chains_by_table(listing) == {
+        "ip kube-proxy-py": {"canary", "nat-prerouting"},
+        "ip6 kube-proxy-py": set(),
+    }
