@@ -73,7 +73,8 @@ RUN for family in iptables ip6tables; do \
             --slave "/usr/sbin/${family}-save" "${family}-save" /usr/sbin/iptables-wrapper; \
     done; \
     /opt/kube-proxy-py/bin/python -m proxy --version; \
-    nft --version | grep -q " v1\.0\.6 "; \
+    nft_version="$(nft --version)"; \
+    case "$nft_version" in *" v1.0.6 "*) ;; *) echo "nft 1.0.6 expected: $nft_version" >&2; exit 1 ;; esac; \
     /opt/kube-proxy-py/bin/python -c 'import ctypes; ctypes.CDLL("libnftables.so.1")'
 ENV PATH=/opt/kube-proxy-py/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1 \
