@@ -24,6 +24,7 @@ import copy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from ipaddress import ip_address, ip_network
 
 from proxy.kernel.commands import CommandResult, Input, joined
 
@@ -276,9 +277,24 @@ class FakeNft:
         return dict(self.tables[table].sets[name].elements)
 
     def trace(
-        self, table: str, daddr: str, proto: str, port: int, *, nodeport: bool = False
+        self,
+        table: str,
+        daddr: str,
+        proto: str,
+        port: int,
+        *,
+        nodeport: bool = False,
+        source: str = "outside",
+        saddr: str | None = None,
     ) -> Trace:
-        """Follow our dispatch maps for a packet to daddr:port (a NodePort with `nodeport`)."""
+        """Follow our maps for a new connection to daddr:port (a NodePort with `nodeport`).
+
+        `source` is "outside" (a client beyond the node), "pod" (a pod on this node,
+        source in the cluster CIDRs) or "node" (the node itself); `saddr`, when given,
+        is checked against loadBalancerSourceRanges. As in the kernel, the node's own
+        packets meet the filter checks before DNAT (output hook: filter -110, nat -100),
+        the others after it (forward and input come after prerouting's DNAT).
+        """
         tables = self.tables[table]
         if nodeport:
             dispatch, check, key, base = (
@@ -294,20 +310,43 @@ class FakeNft:
                 f"{daddr} . {proto} . {port}",
                 f"{daddr} . {port}",
             )
-        verdict = tables.sets[check].elements.get(key)
-        if verdict is not None:
+        if saddr is not None and key in tables.sets["firewall-ips"].elements:
+            allowed = [
+                element.rsplit(" . ", 1)[1]
+                for element in tables.sets["firewall-allow"].elements
+                if element.rsplit(" . ", 1)[0] == key
+            ]
+            if not any(ip_address(saddr) in ip_network(cidr) for cidr in allowed):
+                return Trace("drop")
+
+        def filtered() -> Trace | None:
+            verdict = tables.sets[check].elements.get(key)
+            if verdict is None:
+                return None
             return Trace("drop" if verdict == "drop" else "reject")
+
+        if source == "node" and (early := filtered()) is not None:
+            return early
         target = tables.sets[dispatch].elements.get(key)
-        if target is None:
-            return Trace("none")
-        chain = target.split()[-1]
-        for rule in tables.chains[chain].rules:
-            match = _DNAT.search(rule)
-            if match:
+        if target is not None:
+            chain = target.split()[-1]
+            for rule in tables.chains[chain].rules:
+                match = _DNAT.search(rule)
+                if match is None or not _applies(rule, source):
+                    continue
                 count, endpoint_map = int(match.group(1)), match.group(2)
                 elements = tables.sets[endpoint_map].elements
                 found = tuple(
                     str(elements[f"{base} . {index}"]).replace(" . ", ":") for index in range(count)
                 )
                 return Trace("dnat", chain, found)
-        raise AssertionError(f"chain {chain} has no dnat rule")
+        return filtered() or Trace("none")
+
+
+def _applies(rule: str, source: str) -> bool:
+    """Does a dnat rule apply to traffic from `source` (see `FakeNft.trace`)?"""
+    if rule.startswith("fib saddr type local"):
+        return source == "node"
+    if rule.startswith(("ip saddr", "ip6 saddr")):
+        return source == "pod"
+    return True

@@ -13,6 +13,7 @@ Addresses: node 198.18.0.1, pods in the cluster CIDR 198.18.64.0/18, service VIP
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -131,10 +132,12 @@ add chain ip kube-proxy-py nat-postrouting { type nat hook postrouting priority 
 add chain ip kube-proxy-py filter-input { type filter hook input priority -110; }
 add chain ip kube-proxy-py filter-forward { type filter hook forward priority -110; }
 add chain ip kube-proxy-py filter-output { type filter hook output priority -110; }
+add chain ip kube-proxy-py filter-prerouting { type filter hook prerouting priority -110; }
 add chain ip kube-proxy-py services
 add chain ip kube-proxy-py masquerading
 add chain ip kube-proxy-py mark-for-masquerade
 add chain ip kube-proxy-py endpoints-check
+add chain ip kube-proxy-py firewall-check
 add chain ip kube-proxy-py reject-chain
 add map ip kube-proxy-py service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }
 add map ip kube-proxy-py service-nodeports { type inet_proto . inet_service : verdict; }
@@ -146,6 +149,14 @@ add map ip kube-proxy-py ip-endpoints-sctp { typeof ip daddr . sctp dport . numg
 add map ip kube-proxy-py nodeport-endpoints-tcp { typeof tcp dport . numgen random mod 1 : ip daddr . tcp dport; }
 add map ip kube-proxy-py nodeport-endpoints-udp { typeof udp dport . numgen random mod 1 : ip daddr . udp dport; }
 add map ip kube-proxy-py nodeport-endpoints-sctp { typeof sctp dport . numgen random mod 1 : ip daddr . sctp dport; }
+add map ip kube-proxy-py short-circuit-tcp { typeof ip daddr . tcp dport . numgen random mod 1 : ip daddr . tcp dport; }
+add map ip kube-proxy-py short-circuit-udp { typeof ip daddr . udp dport . numgen random mod 1 : ip daddr . udp dport; }
+add map ip kube-proxy-py short-circuit-sctp { typeof ip daddr . sctp dport . numgen random mod 1 : ip daddr . sctp dport; }
+add map ip kube-proxy-py nodeport-short-circuit-tcp { typeof tcp dport . numgen random mod 1 : ip daddr . tcp dport; }
+add map ip kube-proxy-py nodeport-short-circuit-udp { typeof udp dport . numgen random mod 1 : ip daddr . udp dport; }
+add map ip kube-proxy-py nodeport-short-circuit-sctp { typeof sctp dport . numgen random mod 1 : ip daddr . sctp dport; }
+add set ip kube-proxy-py firewall-ips { type ipv4_addr . inet_proto . inet_service; }
+add set ip kube-proxy-py firewall-allow { type ipv4_addr . inet_proto . inet_service . ipv4_addr; flags interval; }
 add set ip kube-proxy-py hairpin { type ipv4_addr . ipv4_addr; }
 add rule ip kube-proxy-py nat-prerouting jump services
 add rule ip kube-proxy-py nat-output jump services
@@ -153,6 +164,9 @@ add rule ip kube-proxy-py nat-postrouting jump masquerading
 add rule ip kube-proxy-py filter-input ct state new jump endpoints-check
 add rule ip kube-proxy-py filter-forward ct state new jump endpoints-check
 add rule ip kube-proxy-py filter-output ct state new jump endpoints-check
+add rule ip kube-proxy-py filter-prerouting ct state new jump firewall-check
+add rule ip kube-proxy-py filter-output ct state new jump firewall-check
+add rule ip kube-proxy-py firewall-check ip daddr . meta l4proto . th dport @firewall-ips ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow drop
 add rule ip kube-proxy-py mark-for-masquerade meta mark set meta mark | 0x00004000
 add rule ip kube-proxy-py masquerading ct status dnat ip saddr . ip daddr @hairpin masquerade fully-random
 add rule ip kube-proxy-py masquerading meta mark & 0x00004000 == 0 return
@@ -217,7 +231,7 @@ def test_no_endpoints_rejects_and_local_policy_without_local_endpoints_drops(
     assert lands_nodeport(fake, 30082).verdict == "drop"
 
 
-def test_external_local_policy_uses_local_endpoints_and_keeps_the_source(
+def test_external_local_policy_uses_local_endpoints_except_for_pods_and_the_node(
     fake: FakeNft, backend: Driven
 ) -> None:
     local, remote = endpoints(7), endpoints(8, local=False)
@@ -234,12 +248,71 @@ def test_external_local_policy_uses_local_endpoints_and_keeps_the_source(
         ),
         FULL,
     )
-    assert lands(fake, "198.19.0.10").endpoints == ("198.18.64.7:8080", "198.18.64.8:8080")
-    for external in (lands_nodeport(fake, 30080), lands(fake, "198.19.1.1")):
-        assert external.endpoints == ("198.18.64.7:8080",)
-    assert lands(fake, "198.19.2.1").chain == "external-local-tcp-1"
-    rules = fake.tables[TABLE].chains["nodeport-local-tcp-1"].rules
-    assert rules[0] == "fib saddr type local jump mark-for-masquerade"  # only the node's own
+    everywhere = ("198.18.64.7:8080", "198.18.64.8:8080")
+    assert lands(fake, "198.19.0.10").endpoints == everywhere
+    for address in ("198.19.1.1", "198.19.2.1"):
+        assert lands(fake, address) == Trace("dnat", "external-local-tcp-1-2", local_of(local))
+        for source in ("pod", "node"):
+            assert fake.trace(TABLE, address, "tcp", 80, source=source).endpoints == everywhere
+    assert lands_nodeport(fake, 30080) == Trace("dnat", "nodeport-local-tcp-1-2", local_of(local))
+    assert fake.trace(TABLE, NODE_IP, "tcp", 30080, nodeport=True, source="pod").endpoints == (
+        everywhere
+    )
+    rules = fake.tables[TABLE].chains["nodeport-local-tcp-1-2"].rules
+    # The client's address is kept: only the node's own traffic is marked for SNAT.
+    assert [rule for rule in rules if "mark-for-masquerade" in rule] == [
+        "fib saddr type local jump mark-for-masquerade"
+    ]
+
+
+def local_of(eps: Sequence[Endpoint]) -> tuple[str, ...]:
+    return tuple(endpoint.address() for endpoint in eps)
+
+
+def test_external_local_policy_without_local_endpoints_drops_outside_traffic_only(
+    fake: FakeNft, backend: Driven
+) -> None:
+    remote = endpoints(8, 9, local=False)
+    backend.sync(
+        state(port_state(eps=remote, external=(), node_port=30080, external_local=True)),
+        FULL,
+    )
+    assert lands_nodeport(fake, 30080).verdict == "drop"
+    from_pod = fake.trace(TABLE, NODE_IP, "tcp", 30080, nodeport=True, source="pod")
+    assert from_pod == Trace("dnat", "nodeport-local-tcp-0-2", local_of(remote))
+    assert not any(
+        "nodeport-endpoints" in rule
+        for rule in fake.tables[TABLE].chains["nodeport-local-tcp-0-2"].rules
+    )
+
+
+def test_load_balancer_source_ranges_allow_only_the_listed_sources(
+    fake: FakeNft, backend: Driven
+) -> None:
+    ranges = ("198.18.200.0/24", "198.18.0.0/24")  # the second holds the node's address
+    web = port_state(eps=endpoints(7), node_port=30080, lb_ips=("198.19.2.1",))
+    ranged = ServicePortState(
+        port=replace(web.port, load_balancer_source_ranges=ranges),
+        cluster_endpoints=web.cluster_endpoints,
+        external_endpoints=web.external_endpoints,
+        all_endpoints=web.all_endpoints,
+    )
+    backend.sync(state(ranged), FULL)
+    key = "198.19.2.1 . tcp . 80"
+    assert fake.elements(TABLE, "firewall-allow") == {
+        f"{key} . 198.18.200.0/24": None,
+        f"{key} . 198.18.0.0/24": None,
+        f"{key} . 198.19.2.1/32": None,  # the node's requests, seen with the VIP as source
+    }
+    allowed = fake.trace(TABLE, "198.19.2.1", "tcp", 80, saddr="198.18.200.9")
+    assert allowed.endpoints == ("198.18.64.7:8080",)
+    assert fake.trace(TABLE, "198.19.2.1", "tcp", 80, saddr="198.18.201.9").verdict == "drop"
+    # The ClusterIP and the NodePort are not subject to the ranges.
+    assert fake.trace(TABLE, "198.19.0.10", "tcp", 80, saddr="198.18.201.9").verdict == "dnat"
+    # Without ranges, a partial sync takes the firewall elements away again.
+    backend.sync(state(web), changed(web.name))
+    assert fake.elements(TABLE, "firewall-ips") == {}
+    assert fake.elements(TABLE, "firewall-allow") == {}
 
 
 def test_masquerade_all_and_several_cluster_cidrs(fake: FakeNft) -> None:
@@ -352,7 +425,29 @@ def test_partial_syncs_end_where_a_full_sync_would(fake: FakeNft, backend: Drive
             port_state("b", "198.19.0.11", endpoints(9, 7), proto=Protocol.UDP),
             port_state("c", "198.19.0.12", endpoints(8)),
         ],
-        [port_state("c", "198.19.0.12", endpoints(8, 9, 10), lb_ips=("198.19.2.2",))],
+        [
+            port_state("c", "198.19.0.12", endpoints(8, 9, 10), lb_ips=("198.19.2.2",)),
+            port_state(
+                "d",
+                "198.19.0.13",
+                endpoints(8, 9),
+                external=endpoints(9),
+                node_port=30090,
+                external_local=True,
+                lb_ips=("198.19.2.3",),
+            ),
+        ],
+        [
+            port_state("c", "198.19.0.12", endpoints(8, 9), lb_ips=("198.19.2.2",)),
+            port_state(
+                "d",
+                "198.19.0.13",
+                endpoints(8, 9, 10),
+                external=(),
+                node_port=30090,
+                external_local=True,
+            ),
+        ],
     ]
     backend.sync(state(*steps[0]), FULL)
     previous = {p.name: p for p in steps[0]}

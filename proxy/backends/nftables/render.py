@@ -19,8 +19,15 @@ so a service port owns no chain, no rule and no set of its own; only elements::
     external[-local]-P-N (externalIPs, LoadBalancer IPs) masquerade (Cluster policy) or only
                          node-originated traffic (Local), then the same dnat
     nodeport[-local]-P-N the same, keyed by P dport in @nodeport-endpoints-P
+    external-local-P-N-M, nodeport-local-P-N-M (externalTrafficPolicy Local): traffic
+                         from pods and from the node goes to the M cluster-wide endpoints
+                         (@short-circuit-P, @nodeport-short-circuit-P), the rest to the N
+                         local ones (no rule when N is 0: the filter below drops it)
     nat-postrouting -> masquerading: hairpin (ct status dnat, ip saddr . ip daddr @hairpin)
                          and marked packets are masqueraded
+    filter-prerouting, filter-output (filter, dstnat-10, ct state new) -> firewall-check:
+      loadBalancerSourceRanges: a destination in @firewall-ips whose
+      daddr . l4proto . dport . saddr is not in @firewall-allow (intervals) is dropped
     filter-input/forward/output (filter, dstnat-10, ct state new) -> endpoints-check:
       @no-endpoint-services / @no-endpoint-nodeports: goto reject-chain, or drop (Local
       policy with endpoints elsewhere)
@@ -54,6 +61,7 @@ ClusterIP TCP, scripts from /tmp generators recorded in the backend docstring):
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -70,6 +78,11 @@ IP_ENDPOINTS = "ip-endpoints"
 """Per protocol: `ip-endpoints-tcp`, ... (see `endpoint_map`)."""
 NODEPORT_ENDPOINTS = "nodeport-endpoints"
 PROTOCOLS = ("tcp", "udp", "sctp")
+SHORT_CIRCUIT = "short-circuit"
+"""Per protocol: cluster-wide endpoints of Local-policy external destinations."""
+NODEPORT_SHORT_CIRCUIT = "nodeport-short-circuit"
+FIREWALL_IPS = "firewall-ips"
+FIREWALL_ALLOW = "firewall-allow"
 HAIRPIN = "hairpin"
 NODEPORT_IPS = "nodeport-ips"
 CLUSTER_CIDRS = "cluster-cidrs"
@@ -83,7 +96,11 @@ EXTERNAL_LOCAL = "external-local"
 NODEPORT = "nodeport"
 NODEPORT_LOCAL = "nodeport-local"
 DNAT_KINDS = (CLUSTER, EXTERNAL, EXTERNAL_LOCAL, NODEPORT, NODEPORT_LOCAL)
-"""Prefixes of the shared dnat chains, `<kind>-<protocol>-<N>`."""
+"""Prefixes of the shared dnat chains: `<kind>-<protocol>-<N>`, and for the Local kinds
+`<kind>-<protocol>-<N>-<M>` (N local endpoints, M cluster-wide ones for the short-circuit)."""
+_DNAT_CHAIN = re.compile(
+    r"^(cluster|external|external-local|nodeport|nodeport-local)-(tcp|udp|sctp)-(\d+)(?:-(\d+))?$"
+)
 
 ELEMENT_CHUNK = 2000
 """Elements per `add element` command in a full sync (keeps each line short)."""
@@ -106,6 +123,9 @@ class RenderContext:
     masquerade_all: bool
     nodeport_scope: tuple[str, ...] | None
     """CIDRs where NodePorts are open; None means every local address."""
+    node_ips: tuple[str, ...] = ()
+    """This node's addresses of this family (loadBalancerSourceRanges that hold one of
+    them also allow the LoadBalancer IPs themselves as sources, as upstream)."""
 
     @classmethod
     def build(cls, node: NodeContext, *, family: IPFamily, masquerade_bit: int) -> RenderContext:
@@ -119,6 +139,7 @@ class RenderContext:
             ),
             masquerade_all=node.masquerade_all,
             nodeport_scope=nodeport_scope(node, family),
+            node_ips=tuple(ip for ip in node.node_ips if _family(ip) == family),
         )
 
     @property
@@ -233,38 +254,82 @@ def render_port(state: ServicePortState, ctx: RenderContext) -> PortElements:
             local_only = port.internal_policy_local and _any_usable(state)
             out.append((NO_ENDPOINT_SERVICES, key, DROP if local_only else REJECT))
 
-    # External destinations: externalIPs and LoadBalancer IPs, external endpoints.
+    # External destinations: externalIPs, LoadBalancer IPs and the NodePort, external
+    # endpoints. With the Local policy, traffic from pods and from the node itself is
+    # short-circuited to the cluster-wide endpoints (as if it had gone out to a load
+    # balancer and come back): the chain `<kind>-local-P-N-M` reaches N local and M
+    # cluster-wide endpoints, and exists as long as M > 0, even when N is 0.
     local = port.external_policy_local
     no_external = DROP if local and (bool(cluster) or _any_usable(state)) else REJECT
+    reachable = bool(cluster) if local else bool(external)
+    lb_ips = {address for address in port.load_balancer_ips if (":" in address) is v6}
     for address in (*port.external_ips, *port.load_balancer_ips):
         if (":" in address) is not v6 or address in seen:
             continue
         seen.add(address)
         key = f"{address} . {proto} . {port.port}"
-        if external:
-            chain = f"{EXTERNAL_LOCAL if local else EXTERNAL}-{proto}-{len(external)}"
+        base = f"{address} . {port.port}"
+        if reachable:
+            chain = _external_chain(EXTERNAL, proto, local, external, cluster)
             chains.add(chain)
             out.append((SERVICE_IPS, key, f"goto {chain}"))
-            _endpoint_elements(out, ip_map, f"{address} . {port.port}", external)
-        else:
+            _endpoint_elements(out, ip_map, base, external)
+            if local:
+                _endpoint_elements(out, endpoint_map(SHORT_CIRCUIT, proto), base, cluster)
+        if not external:
             out.append((NO_ENDPOINT_SERVICES, key, no_external))
+        if address in lb_ips and port.load_balancer_source_ranges:
+            out.extend(_firewall(key, port.load_balancer_source_ranges, lb_ips, ctx))
 
     if port.node_port and ctx.nodeport_scope != ():
         key = f"{proto} . {port.node_port}"
-        if external:
-            chain = f"{NODEPORT_LOCAL if local else NODEPORT}-{proto}-{len(external)}"
+        base = str(port.node_port)
+        if reachable:
+            chain = _external_chain(NODEPORT, proto, local, external, cluster)
             chains.add(chain)
             out.append((SERVICE_NODEPORTS, key, f"goto {chain}"))
-            _endpoint_elements(
-                out, endpoint_map(NODEPORT_ENDPOINTS, proto), str(port.node_port), external
-            )
-        else:
+            _endpoint_elements(out, endpoint_map(NODEPORT_ENDPOINTS, proto), base, external)
+            if local:
+                short = endpoint_map(NODEPORT_SHORT_CIRCUIT, proto)
+                _endpoint_elements(out, short, base, cluster)
+        if not external:
             out.append((NO_ENDPOINT_NODEPORTS, key, no_external))
 
     # In endpoint order (a frozenset's order changes with the hash seed, and so would
     # the script).
     hairpin = tuple(dict.fromkeys(endpoint.ip for endpoint in (*cluster, *external)))
     return PortElements(tuple(out), frozenset(chains), hairpin)
+
+
+def _external_chain(
+    kind: str, proto: str, local: bool, external: Sequence[Endpoint], cluster: Sequence[Endpoint]
+) -> str:
+    if local:
+        return f"{kind}-local-{proto}-{len(external)}-{len(cluster)}"
+    return f"{kind}-{proto}-{len(external)}"
+
+
+def _firewall(
+    key: str, ranges: Sequence[str], lb_ips: Iterable[str], ctx: RenderContext
+) -> list[Element]:
+    """loadBalancerSourceRanges of one LoadBalancer IP and port: the destination is
+    checked (`firewall-ips`) and only the listed sources pass (`firewall-allow`).
+
+    As upstream: when a range holds this node's address, the LoadBalancer IPs are
+    allowed as sources too (a VIP-like load balancer delivers the node's own requests
+    with the VIP as source). NodePorts are not subject to the ranges.
+    """
+    networks = [
+        ipaddress.ip_network(cidr.strip(), strict=False)
+        for cidr in ranges
+        if _family(cidr) == ctx.family
+    ]
+    out: list[Element] = [(FIREWALL_IPS, key, None)]
+    out.extend((FIREWALL_ALLOW, f"{key} . {network}", None) for network in networks)
+    if any(ipaddress.ip_address(ip) in network for ip in ctx.node_ips for network in networks):
+        host = "/128" if ctx.family is IPFamily.V6 else "/32"
+        out.extend((FIREWALL_ALLOW, f"{key} . {ip}{host}", None) for ip in sorted(lb_ips))
+    return out
 
 
 # -- shared chains ------------------------------------------------------------------
@@ -281,11 +346,38 @@ def _masquerade_off_cluster(ctx: RenderContext) -> str | None:
     return None
 
 
+def _pods(ctx: RenderContext) -> str | None:
+    """A match for traffic from pods (the cluster CIDRs), if they are known."""
+    if len(ctx.cluster_cidrs) == 1:
+        return f"{ctx.nfproto} saddr {ctx.cluster_cidrs[0]}"
+    if ctx.cluster_cidrs:
+        return f"{ctx.nfproto} saddr @{CLUSTER_CIDRS}"
+    return None
+
+
+def parse_dnat_chain(chain: str) -> tuple[str, str, int, int]:
+    """`<kind>-<protocol>-<N>[-<M>]` -> (kind, protocol, N, M); M is 0 when absent."""
+    match = _DNAT_CHAIN.match(chain)
+    if match is None:
+        raise ValueError(f"not a dnat chain: {chain}")
+    kind, proto, n, m = match.groups()
+    return kind, proto, int(n), int(m or 0)
+
+
 def dnat_chain_rules(chain: str, ctx: RenderContext) -> list[str]:
-    """The rules of a shared dnat chain, from its name `<kind>-<protocol>-<N>`."""
-    kind, proto, count = chain.rsplit("-", 2)
-    n = int(count)
+    """The rules of a shared dnat chain, from its name (see `parse_dnat_chain`)."""
+    kind, proto, n, m = parse_dnat_chain(chain)
     ip = ctx.nfproto
+    if kind in (NODEPORT, NODEPORT_LOCAL):
+        endpoints, short = NODEPORT_ENDPOINTS, NODEPORT_SHORT_CIRCUIT
+        key = f"{proto} dport"
+    else:
+        endpoints, short = IP_ENDPOINTS, SHORT_CIRCUIT
+        key = f"{ip} daddr . {proto} dport"
+
+    def dnat(count: int, table: str) -> str:
+        return f"dnat to {key} . numgen random mod {count} map @{endpoint_map(table, proto)}"
+
     rules: list[str] = []
     if kind == CLUSTER:
         masquerade = _masquerade_off_cluster(ctx)
@@ -294,19 +386,17 @@ def dnat_chain_rules(chain: str, ctx: RenderContext) -> list[str]:
     elif kind in (EXTERNAL, NODEPORT):
         # Cluster policy: the endpoint may be on another node, whose reply must come back.
         rules.append("jump mark-for-masquerade")
-    elif kind in (EXTERNAL_LOCAL, NODEPORT_LOCAL):
-        # Local policy keeps the client's address, except for the node's own traffic
-        # (its source would be the destination address itself).
+    else:
+        # Local policy keeps the client's address. Pods and the node itself go to the
+        # cluster-wide endpoints instead; the node's own traffic is masqueraded (its
+        # source would be the destination address itself).
+        pods = _pods(ctx)
+        if pods is not None:
+            rules.append(f"{pods} {dnat(m, short)}")
         rules.append("fib saddr type local jump mark-for-masquerade")
-    else:
-        raise ValueError(f"not a dnat chain: {chain}")
-    if kind in (NODEPORT, NODEPORT_LOCAL):
-        table = endpoint_map(NODEPORT_ENDPOINTS, proto)
-        key = f"{proto} dport . numgen random mod {n} map @{table}"
-    else:
-        table = endpoint_map(IP_ENDPOINTS, proto)
-        key = f"{ip} daddr . {proto} dport . numgen random mod {n} map @{table}"
-    rules.append(f"dnat to {key}")
+        rules.append(f"fib saddr type local {dnat(m, short)}")
+    if n:
+        rules.append(dnat(n, endpoints))
     return rules
 
 
@@ -344,6 +434,7 @@ def render_static(ctx: RenderContext) -> list[str]:
         f"add chain {t} filter-input {{ type filter hook input priority -110; }}",
         f"add chain {t} filter-forward {{ type filter hook forward priority -110; }}",
         f"add chain {t} filter-output {{ type filter hook output priority -110; }}",
+        f"add chain {t} filter-prerouting {{ type filter hook prerouting priority -110; }}",
         *(
             f"add chain {t} {chain}"
             for chain in (
@@ -351,6 +442,7 @@ def render_static(ctx: RenderContext) -> list[str]:
                 "masquerading",
                 "mark-for-masquerade",
                 "endpoints-check",
+                "firewall-check",
                 "reject-chain",
             )
         ),
@@ -369,12 +461,25 @@ def render_static(ctx: RenderContext) -> list[str]:
             f"numgen random mod 1 : {ip} daddr . {p} dport; }}"
             for p in PROTOCOLS
         ),
+        *(
+            f"add map {t} {endpoint_map(SHORT_CIRCUIT, p)} {{ typeof {ip} daddr . {p} dport . "
+            f"numgen random mod 1 : {ip} daddr . {p} dport; }}"
+            for p in PROTOCOLS
+        ),
+        *(
+            f"add map {t} {endpoint_map(NODEPORT_SHORT_CIRCUIT, p)} {{ typeof {p} dport . "
+            f"numgen random mod 1 : {ip} daddr . {p} dport; }}"
+            for p in PROTOCOLS
+        ),
+        f"add set {t} {FIREWALL_IPS} {{ type {addr} . inet_proto . inet_service; }}",
+        f"add set {t} {FIREWALL_ALLOW} "
+        f"{{ type {addr} . inet_proto . inet_service . {addr}; flags interval; }}",
         f"add set {t} {HAIRPIN} {{ type {addr} . {addr}; }}",
     ]
     if ctx.nodeport_scope:
         lines.append(f"add set {t} {NODEPORT_IPS} {{ type {addr}; flags interval; }}")
         lines.append(f"add element {t} {NODEPORT_IPS} {{ {', '.join(ctx.nodeport_scope)} }}")
-    if len(ctx.cluster_cidrs) > 1 and not ctx.masquerade_all:
+    if len(ctx.cluster_cidrs) > 1:
         lines.append(f"add set {t} {CLUSTER_CIDRS} {{ type {addr}; flags interval; }}")
         lines.append(f"add element {t} {CLUSTER_CIDRS} {{ {', '.join(ctx.cluster_cidrs)} }}")
     rules = [
@@ -384,6 +489,14 @@ def render_static(ctx: RenderContext) -> list[str]:
         ("filter-input", "ct state new jump endpoints-check"),
         ("filter-forward", "ct state new jump endpoints-check"),
         ("filter-output", "ct state new jump endpoints-check"),
+        # loadBalancerSourceRanges, before DNAT: from outside and from the node itself.
+        ("filter-prerouting", "ct state new jump firewall-check"),
+        ("filter-output", "ct state new jump firewall-check"),
+        (
+            "firewall-check",
+            f"{ip} daddr . meta l4proto . th dport @{FIREWALL_IPS} {ip} daddr . meta l4proto "
+            f". th dport . {ip} saddr != @{FIREWALL_ALLOW} drop",
+        ),
         ("mark-for-masquerade", f"meta mark set meta mark | {ctx.mark}"),
         # A pod reaching itself through a service: its reply must come back through us.
         (
@@ -457,9 +570,8 @@ def render_full(ports: Iterable[PortElements], ctx: RenderContext, hairpin: Iter
     return "".join(parts)
 
 
-def _chain_order(chain: str) -> tuple[str, int]:
-    kind, _, count = chain.rpartition("-")
-    return kind, int(count)
+def _chain_order(chain: str) -> tuple[str, str, int, int]:
+    return parse_dnat_chain(chain)
 
 
 @dataclass(frozen=True, slots=True)
