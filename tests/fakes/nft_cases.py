@@ -12,6 +12,10 @@ SETUP = (
     "add set ip kpy-fake-test addrs { type ipv4_addr; }\n"
     "add element ip kpy-fake-test dispatch { tcp . 80 : goto target }\n"
     "add element ip kpy-fake-test addrs { 198.18.0.1 }\n"
+    "add chain ip kpy-fake-test uses\n"
+    "add rule ip kpy-fake-test uses ip saddr @addrs accept\n"
+    "add set ip kpy-fake-test spare { type ipv4_addr; }\n"
+    "add element ip kpy-fake-test spare { 198.18.0.1 }\n"
 )
 
 REFUSED: dict[str, str] = {
@@ -28,6 +32,7 @@ REFUSED: dict[str, str] = {
     "missing element deleted": "delete element ip kpy-fake-test addrs { 198.18.0.9 }\n",
     "chain deleted while jumped to": "delete chain ip kpy-fake-test target\n",
     "missing table deleted": "delete table ip kpy-fake-missing\n",
+    "set deleted while a rule uses it": "delete set ip kpy-fake-test addrs\n",
     "missing chain listed": "list chain ip kpy-fake-test missing\n",
 }
 """Each refused as a whole, after a first line that alone would be accepted."""
@@ -42,6 +47,7 @@ ACCEPTED: dict[str, str] = {
         "delete chain ip kpy-fake-test user\n"
         "delete chain ip kpy-fake-test target\n"
     ),
+    "a set deleted with its elements": "delete set ip kpy-fake-test spare\n",
     "a table deleted and added again": (
         "add table ip kpy-fake-test\ndelete table ip kpy-fake-test\nadd table ip kpy-fake-test\n"
     ),

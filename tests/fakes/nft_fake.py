@@ -35,6 +35,9 @@ EBUSY = "Device or resource busy"
 _REF = re.compile(r"\b(?:jump|goto)\s+([A-Za-z0-9_./-]+)")
 _SET_REF = re.compile(r"@([A-Za-z0-9_./-]+)")
 _DNAT = re.compile(r"numgen random mod (\d+) map @([A-Za-z0-9_-]+)")
+_PICK = re.compile(r"numgen random mod (\d+) vmap @([A-Za-z0-9_-]+)")
+_PLAIN_DNAT = re.compile(r"dnat to (\S+)$")
+_AFFINITY = re.compile(r"(?:saddr|update) @affinity-")
 
 
 class RefusedError(Exception):
@@ -220,6 +223,16 @@ class FakeNft:
             if name not in table.sets:
                 raise RefusedError(f"Could not process rule: {ENOENT} ({what} {name})")
             table.sets[name].elements.clear()
+        elif verb == "delete":
+            if name not in table.sets:
+                raise RefusedError(f"Could not process rule: {ENOENT} ({what} {name})")
+            if any(
+                name in _SET_REF.findall(rule)
+                for chain in table.chains.values()
+                for rule in chain.rules
+            ):
+                raise RefusedError(f"Could not process rule: {EBUSY} ({what} {name})")
+            del table.sets[name]
         else:
             raise RefusedError(f"fake nft: unsupported {what} verb {verb}")
 
@@ -330,17 +343,40 @@ class FakeNft:
         target = tables.sets[dispatch].elements.get(key)
         if target is not None:
             chain = target.split()[-1]
-            for rule in tables.chains[chain].rules:
-                match = _DNAT.search(rule)
-                if match is None or not _applies(rule, source):
-                    continue
-                count, endpoint_map = int(match.group(1)), match.group(2)
-                elements = tables.sets[endpoint_map].elements
-                found = tuple(
-                    str(elements[f"{base} . {index}"]).replace(" . ", ":") for index in range(count)
-                )
+            found = self._walk(tables, chain, base, source, depth=0)
+            if found is not None:
                 return Trace("dnat", chain, found)
         return filtered() or Trace("none")
+
+    def _walk(
+        self, tables: FakeTable, chain: str, base: str, source: str, *, depth: int
+    ) -> tuple[str, ...] | None:
+        """The endpoints a chain DNATs a new connection to (no affinity recorded yet)."""
+        assert depth < 8, f"chain loop at {chain}"
+        for rule in tables.chains[chain].rules:
+            if not _applies(rule, source) or _AFFINITY.search(rule):
+                continue  # a client with affinity: none in a fresh trace
+            match = _DNAT.search(rule)
+            if match is not None:
+                count, endpoint_map = int(match.group(1)), match.group(2)
+                elements = tables.sets[endpoint_map].elements
+                return tuple(
+                    str(elements[f"{base} . {index}"]).replace(" . ", ":") for index in range(count)
+                )
+            pick = _PICK.search(rule)
+            if pick is not None:
+                picks = tables.sets[pick.group(2)].elements
+                found: list[str] = []
+                for index in range(int(pick.group(1))):
+                    target = str(picks[str(index)]).split()[-1]
+                    found.extend(self._walk(tables, target, base, source, depth=depth + 1) or ())
+                return tuple(found)
+            plain = _PLAIN_DNAT.search(rule)
+            if plain is not None:
+                return (plain.group(1),)
+            if rule.startswith("goto "):
+                return self._walk(tables, rule.split()[1], base, source, depth=depth + 1)
+        return None
 
 
 def _applies(rule: str, source: str) -> bool:

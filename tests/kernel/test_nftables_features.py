@@ -1,7 +1,8 @@
 """Service features the nftables backend has beyond the shared packet suite, with real
-packets: externalIPs, LoadBalancer IPs with loadBalancerSourceRanges, and
+packets: externalIPs, LoadBalancer IPs with loadBalancerSourceRanges,
 `externalTrafficPolicy: Local` (the client's address kept, local endpoints only for
-traffic from outside, the short-circuit to every endpoint for pods and the node).
+traffic from outside, the short-circuit to every endpoint for pods and the node), and
+ClientIP session affinity.
 
 All pods of the lab run on the node; a test that needs "remote" endpoints marks some
 as not local in the state it hands the backend (they stay reachable, which is what
@@ -28,6 +29,7 @@ from proxy.model import (
     ServicePortState,
     SyncHint,
 )
+from tests.fakes.driver import Driven
 from tests.kernel.conftest import ECHO_TCP_PORT, Lab
 
 pytestmark = pytest.mark.kernel
@@ -143,3 +145,36 @@ def test_external_local_policy_without_local_endpoints_drops_only_outside_traffi
     assert dropped(lab.topo.client_ns, NODE_IP, NODE_PORT)
     assert dropped(lab.topo.client_ns, LB_IP)
     assert answered_by(lab.pods["pod0"].netns, NODE_IP, NODE_PORT) == {"pod1", "pod2"}
+
+
+def test_session_affinity_keeps_a_client_on_one_endpoint_until_it_goes(lab: Lab) -> None:
+    made = create("nftables", BackendConfig(netns=lab.topo.node_ns))
+    driven = Driven(made)
+    try:
+        ips = lab.pod_ips()
+
+        def affinity_state(names: Sequence[str]) -> ProxyState:
+            eps = tuple(Endpoint(ip=ips[name], port=ECHO_TCP_PORT) for name in names)
+            port = ServicePort(
+                name=NAME,
+                cluster_ips=(VIP,),
+                port=80,
+                node_port=NODE_PORT,
+                session_affinity_seconds=600,
+            )
+            node = NodeContext("kpy-node", (NODE_IP,), cluster_cidrs=(CLUSTER_CIDR,))
+            return ProxyState(node, {NAME: ServicePortState(port, eps, eps, eps)})
+
+        driven.sync(affinity_state(["pod0", "pod1", "pod2"]), FULL)
+        client = lab.topo.client_ns
+        for dst, port in ((VIP, 80), (NODE_IP, NODE_PORT)):
+            chosen = answered_by(client, dst, port)
+            assert len(chosen) == 1, (dst, chosen)  # 40 connections, one endpoint
+        first = answered_by(client, VIP).pop()
+        # That endpoint goes: the client moves to another one and stays there.
+        rest = [name for name in ("pod0", "pod1", "pod2") if name != first]
+        driven.sync(affinity_state(rest), SyncHint(full=False, changed=frozenset({NAME})))
+        moved = answered_by(client, VIP)
+        assert len(moved) == 1 and moved <= set(rest), moved
+    finally:
+        made.cleanup()

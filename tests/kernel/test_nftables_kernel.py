@@ -30,7 +30,9 @@ from proxy.model import (
     ServicePortState,
     SyncHint,
 )
+from tests.fakes.driver import Driven
 from tests.fakes.nft_cases import ACCEPTED, FIRST, REFUSED, SETUP
+from tests.kernel.conftest import normalise_nft_ruleset
 
 pytestmark = pytest.mark.kernel
 
@@ -119,3 +121,30 @@ def test_library_and_process_write_the_same_table(netns: str) -> None:
     by_library = ruleset(netns)
     NftablesBackend(BackendConfig(netns=netns), NftProcess(runner)).sync(web(7, 8), SyncHint(True))
     assert ruleset(netns) == by_library
+
+
+def test_partial_syncs_with_session_affinity_end_where_a_full_sync_would(netns: str) -> None:
+    """Affinity switched on, endpoints moved, the timeout changed, affinity switched off,
+    the service emptied: after each partial sync the kernel holds what a full sync of
+    the same state writes (sets, maps, chains and elements, compared line by line)."""
+
+    def step(octets: tuple[int, ...], seconds: int | None) -> ProxyState:
+        eps = tuple(Endpoint(ip=f"198.18.64.{octet}", port=8080) for octet in octets)
+        port = ServicePort(
+            name=NAME,
+            cluster_ips=("198.19.0.10",),
+            port=80,
+            node_port=30080,
+            session_affinity_seconds=seconds,
+        )
+        return ProxyState(NODE, {NAME: ServicePortState(port, eps, eps, eps)})
+
+    steps = [step((7,), None), step((7, 8), 600), step((8, 9), 600), step((8, 9), 60)]
+    steps += [step((8, 9), None), step((), 600), step((7,), 600)]
+    backend = Driven(NftablesBackend(BackendConfig(netns=netns)))
+    backend.sync(steps[0], SyncHint(full=True))
+    for state in steps[1:]:
+        backend.sync(state, SyncHint(full=False, changed=frozenset({NAME})))
+        after_partial = sorted(normalise_nft_ruleset(ruleset(netns)))
+        NftablesBackend(BackendConfig(netns=netns)).sync(state, SyncHint(full=True))
+        assert after_partial == sorted(normalise_nft_ruleset(ruleset(netns)))

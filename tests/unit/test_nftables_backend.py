@@ -542,3 +542,86 @@ def test_chains_by_table_reads_nft_list_chains() -> None:
         "ip kube-proxy-py": {"canary", "nat-prerouting"},
         "ip6 kube-proxy-py": set(),
     }
+
+
+# -- session affinity -----------------------------------------------------------------
+
+
+def with_affinity(state_: ServicePortState, seconds: int = 10800) -> ServicePortState:
+    return ServicePortState(
+        port=replace(state_.port, session_affinity_seconds=seconds),
+        cluster_endpoints=state_.cluster_endpoints,
+        external_endpoints=state_.external_endpoints,
+        all_endpoints=state_.all_endpoints,
+    )
+
+
+def owned_by_affinity(fake: FakeNft) -> tuple[set[str], set[str]]:
+    table = fake.tables[TABLE]
+    return (
+        {name for name in table.sets if name.startswith("affinity-")},
+        {name for name in table.chains if name.startswith(("affinity-", "endpoint-"))},
+    )
+
+
+def test_session_affinity_remembers_clients_per_endpoint(fake: FakeNft, backend: Driven) -> None:
+    web = with_affinity(port_state(eps=endpoints(7, 8), node_port=30080), seconds=600)
+    backend.sync(state(web), FULL)
+    everywhere = ("198.18.64.7:8080", "198.18.64.8:8080")
+    cluster = lands(fake, "198.19.0.10")
+    assert cluster.chain.startswith("affinity-") and cluster.endpoints == everywhere
+    assert lands_nodeport(fake, 30080).chain.startswith("affinity-external-")
+    assert lands_nodeport(fake, 30080).endpoints == everywhere
+    sets, chains = owned_by_affinity(fake)
+    assert len(sets) == 3  # one client set per endpoint, one pick map
+    assert len(chains) == 4  # one chain per endpoint, the cluster and the external entry
+    table = fake.tables[TABLE]
+    client_sets = [name for name in sets if not name.startswith("affinity-pick-")]
+    for name in client_sets:
+        assert "timeout 600s" in table.sets[name].declaration
+        assert "dynamic" in table.sets[name].declaration
+    service_rules = table.chains[cluster.chain].rules
+    assert sum(f"@{name} goto endpoint-" in rule for rule in service_rules for name in sets) == 2
+
+
+def test_session_affinity_keeps_the_sets_of_endpoints_that_stay(
+    fake: FakeNft, backend: Driven
+) -> None:
+    web = with_affinity(port_state(eps=endpoints(7, 8)))
+    backend.sync(state(web), FULL)
+    sets_before, _ = owned_by_affinity(fake)
+    moved = with_affinity(port_state(eps=endpoints(7, 9)))
+    backend.sync(state(moved), changed(web.name))
+    script = fake.scripts[-1]
+    sets_after, _ = owned_by_affinity(fake)
+    kept = sets_before & sets_after
+    assert len(kept) == 2  # 198.18.64.7's client set and the pick map stay as they were
+    assert not any(f"delete set {TABLE} {name}\n" in script for name in kept)
+    assert not any(f"add set {TABLE} {name} " in script for name in kept)
+    assert len(sets_before - sets_after) == len(sets_after - sets_before) == 1
+    assert lands(fake, "198.19.0.10").endpoints == ("198.18.64.7:8080", "198.18.64.9:8080")
+    # The whole port goes: everything it owned goes with it, nothing else stays behind.
+    backend.sync(state(), changed(web.name))
+    assert owned_by_affinity(fake) == (set(), set())
+
+
+def test_session_affinity_partial_syncs_end_where_a_full_sync_would(
+    fake: FakeNft, backend: Driven
+) -> None:
+    steps = [
+        [with_affinity(port_state(eps=endpoints(7)))],
+        [with_affinity(port_state(eps=endpoints(7, 8), node_port=30080)), port_state("b")],
+        [with_affinity(port_state(eps=endpoints(8, 9), node_port=30080), seconds=60)],
+        [port_state(eps=endpoints(8, 9), node_port=30080)],  # affinity switched off
+        [with_affinity(port_state(eps=(), node_port=30080))],
+    ]
+    backend.sync(state(*steps[0]), FULL)
+    previous = {p.name: p for p in steps[0]}
+    for ports in steps[1:]:
+        current = {p.name: p for p in ports}
+        names = {n for n in previous.keys() | current.keys() if previous.get(n) != current.get(n)}
+        backend.sync(state(*ports), changed(*names))
+        previous = current
+        fresh = FakeNft()
+        NftablesBackend(BackendConfig(), NftProcess(fresh)).sync(state(*ports), FULL)
+        assert fake.ruleset() == fresh.ruleset(), ports

@@ -134,6 +134,8 @@ class NftablesBackend:
         started = self._clock()
         old: list[render.Element] = []
         new: list[render.Element] = []
+        old_ports: list[render.PortElements] = []
+        new_ports: list[render.PortElements] = []
         delta: Counter[str] = Counter()
         chain_delta: Counter[str] = Counter()
         for name in sorted(hint.changed):  # sorted: the same script for the same change
@@ -141,11 +143,13 @@ class NftablesBackend:
             after = state.services.get(name)
             if before is not None:
                 rendered_before = render.render_port(before, ctx)
+                old_ports.append(rendered_before)
                 old.extend(rendered_before.elements)
                 delta.subtract(rendered_before.hairpin)
                 chain_delta.subtract(rendered_before.chains)
             if after is not None:
                 rendered_after = render.render_port(after, ctx)
+                new_ports.append(rendered_after)
                 new.extend(rendered_after.elements)
                 delta.update(rendered_after.hairpin)
                 chain_delta.update(rendered_after.chains)
@@ -160,7 +164,11 @@ class NftablesBackend:
         gone = [chain for chain, (had, now) in chain_counts.items() if had > 0 and now == 0]
         change_set = render.element_change(old, new)
         script = render.render_partial(
-            ctx=ctx, new_chains=added, change=change_set, gone_chains=gone
+            ctx=ctx,
+            new_chains=added,
+            change=change_set,
+            gone_chains=gone,
+            owned=render.OwnedChange.of(old_ports, new_ports),
         )
         rendered = self._clock()
         if script:

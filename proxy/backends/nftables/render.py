@@ -33,6 +33,13 @@ so a service port owns no chain, no rule and no set of its own; only elements::
       policy with endpoints elsewhere)
     canary: an empty chain; gone means someone flushed or deleted our table
 
+Session affinity (ClientIP) is the exception to "elements only", as upstream has it: a
+port with affinity owns, per endpoint, a set of client addresses with the timeout and
+a chain that refreshes it and DNATs, plus a chain that sends a known client to its
+endpoint and picks one at random for the others (see `_affinity`); its ClusterIP,
+NodePort and external elements go to those chains. Affinity is per destination
+address, and not applied to external traffic under the Local policy.
+
 `N` is the number of endpoints: the shared chain `cluster-tcp-3` serves every TCP
 ClusterIP with three endpoints; element ``VIP . 80 . i : IP . PORT`` (i < 3) of
 @ip-endpoints-tcp holds its i-th endpoint (one endpoint map per protocol, see
@@ -60,6 +67,8 @@ ClusterIP TCP, scripts from /tmp generators recorded in the backend docstring):
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -179,15 +188,27 @@ def nodeport_scope(node: NodeContext, family: IPFamily) -> tuple[str, ...] | Non
     return tuple(dict.fromkeys(scope))
 
 
+OwnedSet = tuple[str, str, str]
+"""("set" or "map", name, declaration): a set or map one service port owns."""
+OwnedChain = tuple[str, tuple[str, ...]]
+"""(name, rules): a chain one service port owns."""
+
+
 @dataclass(frozen=True, slots=True)
 class PortElements:
-    """What one service port puts into the shared maps and sets."""
+    """What one service port puts into the shared maps and sets, and what it owns.
+
+    Only ports with session affinity own anything (sets, maps and chains named after a
+    hash of the port, see `_affinity`); every other port is elements only.
+    """
 
     elements: tuple[Element, ...]
     chains: frozenset[str]
     """The shared dnat chains its verdict elements jump to (they must exist)."""
     hairpin: tuple[str, ...]
     """Addresses of its endpoints, each once: each needs an `ip . ip` element in @hairpin."""
+    sets: tuple[OwnedSet, ...] = ()
+    owned_chains: tuple[OwnedChain, ...] = ()
 
 
 # -- per-port rendering -------------------------------------------------------------
@@ -237,6 +258,14 @@ def render_port(state: ServicePortState, ctx: RenderContext) -> PortElements:
     chains: set[str] = set()
     seen: set[str] = set()
     ip_map = endpoint_map(IP_ENDPOINTS, proto)
+    local = port.external_policy_local
+    affinity = (
+        _affinity(
+            str(port.name), proto, cluster, seconds=port.session_affinity_seconds, ctx=ctx, out=out
+        )
+        if port.session_affinity_seconds is not None and cluster
+        else None
+    )
 
     # ClusterIPs: cluster endpoints, or reject (drop when only the Local internal
     # policy leaves none while endpoints exist elsewhere: clients retry elsewhere).
@@ -245,7 +274,9 @@ def render_port(state: ServicePortState, ctx: RenderContext) -> PortElements:
             continue
         seen.add(vip)
         key = f"{vip} . {proto} . {port.port}"
-        if cluster:
+        if affinity is not None:
+            out.append((SERVICE_IPS, key, f"goto {affinity.cluster}"))
+        elif cluster:
             chain = f"{CLUSTER}-{proto}-{len(cluster)}"
             chains.add(chain)
             out.append((SERVICE_IPS, key, f"goto {chain}"))
@@ -259,7 +290,8 @@ def render_port(state: ServicePortState, ctx: RenderContext) -> PortElements:
     # short-circuited to the cluster-wide endpoints (as if it had gone out to a load
     # balancer and come back): the chain `<kind>-local-P-N-M` reaches N local and M
     # cluster-wide endpoints, and exists as long as M > 0, even when N is 0.
-    local = port.external_policy_local
+    # Session affinity holds on the external paths too, except with the Local policy.
+    external_affinity = affinity.external if affinity is not None and not local else None
     no_external = DROP if local and (bool(cluster) or _any_usable(state)) else REJECT
     reachable = bool(cluster) if local else bool(external)
     lb_ips = {address for address in port.load_balancer_ips if (":" in address) is v6}
@@ -269,7 +301,9 @@ def render_port(state: ServicePortState, ctx: RenderContext) -> PortElements:
         seen.add(address)
         key = f"{address} . {proto} . {port.port}"
         base = f"{address} . {port.port}"
-        if reachable:
+        if external_affinity is not None:
+            out.append((SERVICE_IPS, key, f"goto {external_affinity}"))
+        elif reachable:
             chain = _external_chain(EXTERNAL, proto, local, external, cluster)
             chains.add(chain)
             out.append((SERVICE_IPS, key, f"goto {chain}"))
@@ -284,7 +318,9 @@ def render_port(state: ServicePortState, ctx: RenderContext) -> PortElements:
     if port.node_port and ctx.nodeport_scope != ():
         key = f"{proto} . {port.node_port}"
         base = str(port.node_port)
-        if reachable:
+        if external_affinity is not None:
+            out.append((SERVICE_NODEPORTS, key, f"goto {external_affinity}"))
+        elif reachable:
             chain = _external_chain(NODEPORT, proto, local, external, cluster)
             chains.add(chain)
             out.append((SERVICE_NODEPORTS, key, f"goto {chain}"))
@@ -298,7 +334,85 @@ def render_port(state: ServicePortState, ctx: RenderContext) -> PortElements:
     # In endpoint order (a frozenset's order changes with the hash seed, and so would
     # the script).
     hairpin = tuple(dict.fromkeys(endpoint.ip for endpoint in (*cluster, *external)))
-    return PortElements(tuple(out), frozenset(chains), hairpin)
+    if affinity is None:
+        return PortElements(tuple(out), frozenset(chains), hairpin)
+    return PortElements(tuple(out), frozenset(chains), hairpin, affinity.sets, affinity.chains)
+
+
+def _hash(text: str) -> str:
+    """16 base32 characters of sha256(text): unique names for what a port owns."""
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:10]).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class _Affinity:
+    cluster: str
+    """The chain ClusterIP traffic goes to."""
+    external: str
+    """The chain external traffic (Cluster policy) goes to."""
+    sets: tuple[OwnedSet, ...]
+    chains: tuple[OwnedChain, ...]
+
+
+def _affinity(
+    name: str,
+    proto: str,
+    endpoints: Sequence[Endpoint],
+    *,
+    seconds: int,
+    ctx: RenderContext,
+    out: list[Element],
+) -> _Affinity:
+    """ClientIP session affinity, as upstream's nftables proxier has it.
+
+    Per endpoint, a set of client addresses with the affinity timeout
+    (`affinity-<h>`, updated on every new connection) and a chain that updates it and
+    DNATs (`endpoint-<h>`); per port, a chain that sends a known client to its
+    endpoint and picks one at random for the others (`affinity-<hs>`, through the
+    verdict map `affinity-pick-<hs>`), and one for external traffic that marks for
+    masquerade first (`affinity-external-<hs>`). The names hash the port, the endpoint
+    and the timeout, so an endpoint that stays keeps its set (and its clients) across
+    syncs, and a new timeout makes new sets. Endpoint changes here change rules: a
+    client's affinity lives in the kernel, per endpoint, and goes with its endpoint.
+    """
+    ip = ctx.nfproto
+    port_hash = _hash(f"{name}/{proto}")
+    sets: list[OwnedSet] = []
+    chains: list[OwnedChain] = []
+    picks: list[str] = []
+    pick_map = f"affinity-pick-{port_hash}"
+    for index, endpoint in enumerate(endpoints):
+        endpoint_hash = _hash(f"{name}/{proto}/{endpoint.address()}/{seconds}")
+        client_set, endpoint_chain = f"affinity-{endpoint_hash}", f"endpoint-{endpoint_hash}"
+        sets.append(
+            (
+                "set",
+                client_set,
+                f"{{ type {ctx.addr_type}; flags dynamic,timeout; timeout {seconds}s; }}",
+            )
+        )
+        chains.append(
+            (
+                endpoint_chain,
+                (
+                    f"update @{client_set} {{ {ip} saddr }}",
+                    f"meta l4proto {proto} dnat to {endpoint.address()}",
+                ),
+            )
+        )
+        picks.append(f"{ip} saddr @{client_set} goto {endpoint_chain}")
+        out.append((pick_map, str(index), f"goto {endpoint_chain}"))
+    sets.append(("map", pick_map, "{ typeof numgen random mod 1 : verdict; }"))
+    cluster_chain, external_chain = f"affinity-{port_hash}", f"affinity-external-{port_hash}"
+    masquerade = _masquerade_off_cluster(ctx)
+    cluster_rules = (
+        *([] if masquerade is None else [masquerade]),
+        *picks,
+        f"numgen random mod {len(endpoints)} vmap @{pick_map}",
+    )
+    chains.append((cluster_chain, cluster_rules))
+    chains.append((external_chain, ("jump mark-for-masquerade", f"goto {cluster_chain}")))
+    return _Affinity(cluster_chain, external_chain, tuple(sets), tuple(chains))
 
 
 def _external_chain(
@@ -564,6 +678,7 @@ def render_full(ports: Iterable[PortElements], ctx: RenderContext, hairpin: Iter
         f"add table {ctx.table}\n",
         *render_static(ctx),
         *render_chains(chains, ctx),
+        *_owned_objects(ctx, OwnedChange.of((), ports)),
         *_grouped("add", ctx, (element for port in ports for element in port.elements)),
         *_grouped("add", ctx, (hairpin_element(address) for address in hairpin)),
     ]
@@ -591,24 +706,75 @@ def element_change(old: Iterable[Element], new: Iterable[Element]) -> ElementCha
     return ElementChange(delete, add)
 
 
+@dataclass(frozen=True, slots=True)
+class OwnedChange:
+    """What changes among the sets, maps and chains the changed ports own."""
+
+    add_sets: tuple[OwnedSet, ...] = ()
+    delete_sets: tuple[OwnedSet, ...] = ()
+    add_chains: tuple[OwnedChain, ...] = ()
+    rewrite_chains: tuple[OwnedChain, ...] = ()
+    delete_chains: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, old: Iterable[PortElements], new: Iterable[PortElements]) -> OwnedChange:
+        old_sets = {owned[1]: owned for port in old for owned in port.sets}
+        new_sets = {owned[1]: owned for port in new for owned in port.sets}
+        old_chains = {name: rules for port in old for name, rules in port.owned_chains}
+        new_chains = {name: rules for port in new for name, rules in port.owned_chains}
+        return cls(
+            # A name hashes everything its declaration says: same name, same set.
+            add_sets=tuple(owned for name, owned in new_sets.items() if name not in old_sets),
+            delete_sets=tuple(owned for name, owned in old_sets.items() if name not in new_sets),
+            add_chains=tuple(
+                (name, rules) for name, rules in new_chains.items() if name not in old_chains
+            ),
+            rewrite_chains=tuple(
+                (name, rules)
+                for name, rules in new_chains.items()
+                if name in old_chains and old_chains[name] != rules
+            ),
+            delete_chains=tuple(name for name in old_chains if name not in new_chains),
+        )
+
+
+def _owned_objects(ctx: RenderContext, owned: OwnedChange) -> Iterator[str]:
+    """New sets and maps, then every new chain declared, then their rules (a rule may
+    jump to a chain declared after its own), then the rewritten chains."""
+    t = ctx.table
+    for kind, name, declaration in owned.add_sets:
+        yield f"add {kind} {t} {name} {declaration}\n"
+    for name, _ in owned.add_chains:
+        yield f"add chain {t} {name}\n"
+    for name, rules in owned.add_chains:
+        yield from (f"add rule {t} {name} {rule}\n" for rule in rules)
+    for name, rules in owned.rewrite_chains:
+        yield f"flush chain {t} {name}\n"
+        yield from (f"add rule {t} {name} {rule}\n" for rule in rules)
+
+
 def render_partial(
     *,
     ctx: RenderContext,
     new_chains: Iterable[str],
     change: ElementChange,
     gone_chains: Iterable[str] = (),
+    owned: OwnedChange = OwnedChange(),
 ) -> str:
-    """New shared chains first (elements will jump to them), then element deletions and
-    additions, then the shared chains nothing jumps to any more (flushed, then deleted:
-    the kernel refuses to delete a chain still referenced, so they go last)."""
-    gone = sorted(gone_chains, key=_chain_order)
+    """New shared chains and owned objects first (elements will jump to them), then
+    element deletions and additions, then the chains nothing jumps to any more (flushed,
+    then deleted: the kernel refuses to delete a chain still referenced, so they go
+    last), and last the owned sets no rule uses any more."""
+    gone = [*owned.delete_chains, *sorted(gone_chains, key=_chain_order)]
     return "".join(
         [
             *render_chains(sorted(new_chains, key=_chain_order), ctx),
+            *_owned_objects(ctx, owned),
             *_grouped("delete", ctx, change.delete, keys_only=True),
             *_grouped("add", ctx, change.add),
             *(f"flush chain {ctx.table} {chain}\n" for chain in gone),
             *(f"delete chain {ctx.table} {chain}\n" for chain in gone),
+            *(f"delete {kind} {ctx.table} {name}\n" for kind, name, _ in owned.delete_sets),
         ]
     )
 
