@@ -144,7 +144,6 @@ class NftLibrary:
             raise NftLibraryError(f"cannot load {name}: {err}") from err
         lib.nft_ctx_new.restype = ctypes.c_void_p
         lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
-        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
         lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
         lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
         lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
@@ -206,11 +205,6 @@ class NftLibrary:
             if not checked.ok and failed_line(checked.error) is not None:
                 error = checked.error
         return NftResult(rc == 0, output, error)
-
-    def close(self) -> None:
-        if self._ctx:
-            self._lib.nft_ctx_free(self._ctx)
-            self._ctx = 0
 
 
 def open_nft(netns: str | None, runner: CommandRunner) -> Nft:

@@ -71,10 +71,10 @@ import base64
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from proxy.model import Endpoint, IPFamily, NodeContext, ServicePortName, ServicePortState
+from proxy.model import Endpoint, IPFamily, NodeContext, ServicePortState
 
 TABLE = "kube-proxy-py"
 CANARY = "canary"
@@ -104,9 +104,8 @@ EXTERNAL = "external"
 EXTERNAL_LOCAL = "external-local"
 NODEPORT = "nodeport"
 NODEPORT_LOCAL = "nodeport-local"
-DNAT_KINDS = (CLUSTER, EXTERNAL, EXTERNAL_LOCAL, NODEPORT, NODEPORT_LOCAL)
-"""Prefixes of the shared dnat chains: `<kind>-<protocol>-<N>`, and for the Local kinds
-`<kind>-<protocol>-<N>-<M>` (N local endpoints, M cluster-wide ones for the short-circuit)."""
+# The shared dnat chains: `<kind>-<protocol>-<N>`, and for the Local kinds
+# `<kind>-<protocol>-<N>-<M>` (N local endpoints, M cluster-wide ones for the short-circuit).
 _DNAT_CHAIN = re.compile(
     r"^(cluster|external|external-local|nodeport|nodeport-local)-(tcp|udp|sctp)-(\d+)(?:-(\d+))?$"
 )
@@ -781,10 +780,3 @@ def render_partial(
 
 def render_cleanup(ctx: RenderContext) -> str:
     return f"delete table {ctx.table}\n"
-
-
-def port_elements(
-    states: Mapping[ServicePortName, ServicePortState], ctx: RenderContext
-) -> Iterator[PortElements]:
-    for state in states.values():
-        yield render_port(state, ctx)
