@@ -6,8 +6,8 @@
 #            comes from requirements.lock, pinned with hashes (pip --require-hashes), then the
 #            project itself is installed from this checkout without touching an index.
 #   runtime  Debian's Python, the kernel tools every backend needs (iptables with both its
-#            nf_tables and legacy backends, nftables, ipset, ipvsadm, conntrack, kmod) and the
-#            virtualenv. No compiler, no pip.
+#            nf_tables and legacy backends, nftables 1.0.6 with libnftables, ipset, ipvsadm,
+#            conntrack, kmod) and the virtualenv. No compiler, no pip.
 #
 # The iptables backend: the proxy picks nft or legacy itself at start (KPY_IPTABLES_MODE
 # forces it; else the backend that already holds KUBE-/KPY- chains, else the one with more
@@ -64,12 +64,18 @@ COPY --from=build /opt/kube-proxy-py /opt/kube-proxy-py
 COPY --chmod=0755 scripts/iptables-wrapper.sh /usr/sbin/iptables-wrapper
 COPY --chmod=0755 scripts/node-init.sh /usr/local/sbin/kpy-node-init
 # Priority 100 beats Debian's nft (20) and legacy (10) alternatives.
+# The nftables backend runs libnftables in-process (libnftables1, with `nftables`) and was
+# measured and tested with bookworm's nft 1.0.6, whose quirks it works around: the build
+# stops if the base brings another version, which must be tested before it ships.
 RUN for family in iptables ip6tables; do \
         update-alternatives --quiet --install "/usr/sbin/${family}" "${family}" /usr/sbin/iptables-wrapper 100 \
             --slave "/usr/sbin/${family}-restore" "${family}-restore" /usr/sbin/iptables-wrapper \
             --slave "/usr/sbin/${family}-save" "${family}-save" /usr/sbin/iptables-wrapper; \
     done; \
-    /opt/kube-proxy-py/bin/python -m proxy --version
+    /opt/kube-proxy-py/bin/python -m proxy --version; \
+    nft_version="$(nft --version)"; \
+    case "$nft_version" in *" v1.0.6 "*) ;; *) echo "nft 1.0.6 expected: $nft_version" >&2; exit 1 ;; esac; \
+    /opt/kube-proxy-py/bin/python -c 'import ctypes; ctypes.CDLL("libnftables.so.1")'
 ENV PATH=/opt/kube-proxy-py/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

@@ -19,7 +19,8 @@ explicit flag win and list in `Settings.overridden_by_flags` every flag that
 replaced a file value, so the caller can warn about the difference.
 
 Other upstream rules kept: `--iptables-(min-)sync-period` set the periods unless
-the mode is ipvs, where `--ipvs-(min-)sync-period` do; the deprecated
+the mode is ipvs, where `--ipvs-(min-)sync-period` do (in nftables mode
+`--nftables-(min-)sync-period`, when given, win over the iptables ones); the deprecated
 `--healthz-port` / `--metrics-port` give the port of a bare-IP bind address, and 0
 disables the server; an empty `--metrics-bind-address` disables metrics; the
 `--ipvs-*` values are checked (non-negative timeouts, valid excluded CIDRs) only in
@@ -140,6 +141,16 @@ FLAGS: tuple[Flag, ...] = (
     ),
     _value("iptables-min-sync-period", "The minimum time between two syncs (e.g. 1s).", "duration"),
     _value("ipvs-sync-period", "As --iptables-sync-period, in ipvs mode.", "duration"),
+    _value(
+        "nftables-sync-period",
+        "As --iptables-sync-period, in nftables mode (wins over it there).",
+        "duration",
+    ),
+    _value(
+        "nftables-min-sync-period",
+        "As --iptables-min-sync-period, in nftables mode (wins over it there).",
+        "duration",
+    ),
     _value("ipvs-min-sync-period", "As --iptables-min-sync-period, in ipvs mode.", "duration"),
     _value("iptables-masquerade-bit", "The fwmark bit (0..31) marking packets to SNAT.", "int"),
     _switch("masquerade-all", "SNAT all traffic sent via Service cluster IPs."),
@@ -427,6 +438,10 @@ def _parse(
     prefix = "ipvs" if mode == "ipvs" else "iptables"
     merged.put("sync_period", flags, f"{prefix}-sync-period", duration_value)
     merged.put("min_sync_period", flags, f"{prefix}-min-sync-period", duration_value)
+    if mode == "nftables":
+        # Upstream's nftables mode reads the iptables-* flags; ours also take these names.
+        merged.put("sync_period", flags, "nftables-sync-period", duration_value)
+        merged.put("min_sync_period", flags, "nftables-min-sync-period", duration_value)
     check_sync_periods(
         merged.get("sync_period"),
         merged.get("min_sync_period"),

@@ -21,7 +21,8 @@
 #        - the plain `iptables` wrapper picks the backend the proxy would pick;
 #        - `python -m proxy --cleanup --proxy-mode iptables`: exit 0 on an empty namespace,
 #          then removes our KPY- chains from both backends and leaves foreign chains
-#          byte-identical;
+#          byte-identical; `--cleanup --proxy-mode nftables` deletes our nftables table
+#          and leaves a foreign table byte-identical;
 #        - kpy-node-init against a scratch /proc/sys with the manifests' sysctls.conf;
 #   5. unmounts, removes the image (KPY_KEEP_IMAGE=1 keeps it) and prints the timings.
 #
@@ -320,6 +321,25 @@ expect "iptables wrapper: bad KPY_IPTABLES_MODE is refused" 2 "not a valid iptab
 
 expect "python -m proxy --cleanup --proxy-mode iptables: empty netns, exit 0" 0 "cleanup done" \
   'NODE_NAME=node-a; export NODE_NAME; eval "$ENTRYPOINT --cleanup --proxy-mode iptables"'
+
+# nftables: our table and a foreign one; --cleanup deletes ours only (the nftables backend
+# loads libnftables in-process: this also proves the library is in the image).
+cat >"$SHARE/nft-rules.nft" <<'EOF'
+add table ip kube-proxy-py
+add chain ip kube-proxy-py canary
+add table ip cni-image-check
+add chain ip cni-image-check pre { type nat hook prerouting priority -100 ; }
+add rule ip cni-image-check pre ip daddr 198.18.7.1 return
+EOF
+expect "python -m proxy --cleanup: deletes our nftables table only" 0 "^nft-cleanup-verified$" '
+  set -e
+  nft -f /mnt/nft-rules.nft
+  nft list table ip cni-image-check > /tmp/nft-foreign-before
+  NODE_NAME=node-a; export NODE_NAME
+  eval "$ENTRYPOINT --cleanup --proxy-mode nftables"
+  if nft list table ip kube-proxy-py 2>/dev/null; then echo "our table is left"; exit 1; fi
+  nft list table ip cni-image-check | cmp /tmp/nft-foreign-before -
+  echo nft-cleanup-verified'
 
 # Our chains (the proxy's jump rules and a service chain) plus a foreign CNI chain, in both
 # backends; --cleanup must remove ours everywhere and leave the foreign ones byte-identical.

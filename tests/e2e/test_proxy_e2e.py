@@ -1,8 +1,9 @@
 """The real `python -m proxy` against the lab control plane, checked with real packets.
 
-One lab per module (namespaces, API double, echo pods); the proxy process runs in the
-node namespace exactly as the lab runs it. Every step waits (bounded) for the data
-plane to converge and checks it from the client or a pod.
+One lab per proxy mode (namespaces, API double, echo pods); the proxy process runs in
+the node namespace exactly as the lab runs it, with `--proxy-mode` iptables, then
+nftables. Every step waits (bounded) for the data plane to converge and checks it from
+the client or a pod.
 """
 
 from __future__ import annotations
@@ -20,10 +21,23 @@ from lab.probe import EchoReply, ProbeFailure, probe, spread
 pytestmark = pytest.mark.e2e
 
 WEB = {"app": "web"}
+MODES = ["iptables", "nftables"]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
+
+
+def start(cluster: LabCluster, mode: str, *args: str) -> None:
+    """The proxy in `mode`, with that mode's sync-period flags."""
+    prefix = "nftables" if mode == "nftables" else "iptables"
+    cluster.start_proxy(f"--proxy-mode={mode}", f"--{prefix}-min-sync-period=100ms", *args)
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[LabCluster]:
+def lab(mode: str) -> Iterator[LabCluster]:
     if os.geteuid() != 0:
         if os.environ.get("CI"):
             pytest.fail("end-to-end tests must run as root on CI")
@@ -32,7 +46,9 @@ def lab() -> Iterator[LabCluster]:
     try:
         for index in (1, 2):
             cluster.add_pod(f"web-{index}", WEB)
-        cluster.start_proxy("--iptables-min-sync-period=100ms", "--iptables-sync-period=30s")
+        start(
+            cluster, mode, f"--{'nftables' if mode == 'nftables' else 'iptables'}-sync-period=30s"
+        )
         yield cluster
     finally:
         log = cluster.proxy_log.read_text(errors="replace") if cluster.proxy_log.exists() else ""
@@ -100,14 +116,16 @@ def test_create_update_delete_converge(lab: LabCluster) -> None:
     )
 
 
-def test_deletion_during_a_broken_watch_is_applied_after_the_410_relist(lab: LabCluster) -> None:
+def test_deletion_during_a_broken_watch_is_applied_after_the_410_relist(
+    lab: LabCluster, mode: str
+) -> None:
     lab.wait_proxy_ready()
     if "web-4" not in lab.echo:
         lab.add_pod("web-4", WEB)
     gone = lab.create_service("gone", WEB, [{"name": "http", "port": 80, "targetPort": "http"}])
     ip = gone["spec"]["clusterIP"]
     lab.wait_for("gone answers", lambda: answers(lab, ip, 80, {"web-4"}))
-    assert "default/gone" in kernel_rules(lab)
+    assert programmed(lab, mode, ip)
     changes_before = lab.metrics()["kubeproxy_sync_proxy_rules_service_changes_total"]
 
     # The API server goes away; while it is down the service is deleted and the
@@ -118,7 +136,7 @@ def test_deletion_during_a_broken_watch_is_applied_after_the_410_relist(lab: Lab
     lab.restart_api()
     lab.wait_for(
         "the service deleted during the outage to leave the kernel and stop answering",
-        lambda: "default/gone" not in kernel_rules(lab) and not answers_at_all(lab, ip, 80),
+        lambda: not programmed(lab, mode, ip) and not answers_at_all(lab, ip, 80),
         timeout=60,
     )
     # It left through the relist's sweep: the proxy saw a service change after the outage.
@@ -126,12 +144,28 @@ def test_deletion_during_a_broken_watch_is_applied_after_the_410_relist(lab: Lab
 
 
 def kernel_rules(lab: LabCluster) -> str:
-    """The node's nat and filter tables as both iptables variants print them."""
-    return "".join(
+    """The node's nat and filter tables as both iptables variants print them, and the
+    whole nftables ruleset."""
+    saved = [
         lab.topology.run_in(lab.topology.node_ns, [tool, "-t", table]).stdout
         for tool in ("iptables-nft-save", "iptables-legacy-save")
         for table in ("nat", "filter")
-    )
+    ]
+    saved.append(lab.topology.run_in(lab.topology.node_ns, ["nft", "list", "ruleset"]).stdout)
+    return "".join(saved)
+
+
+def programmed(lab: LabCluster, mode: str, vip: str) -> bool:
+    """Does the kernel hold rules (or map elements) for this ClusterIP?"""
+    rules = kernel_rules(lab)
+    return f"{vip} . tcp . 80" in rules if mode == "nftables" else f"-d {vip}/32" in rules
+
+
+def ours(lab: LabCluster) -> list[str]:
+    """What of ours the kernel holds: KPY- chains (iptables), our nftables table."""
+    rules = kernel_rules(lab)
+    marks = ("KPY-", "table ip kube-proxy-py", "table ip6 kube-proxy-py")
+    return [mark for mark in marks if mark in rules]
 
 
 def answers_at_all(lab: LabCluster, ip: str, port: int) -> bool:
@@ -157,7 +191,7 @@ def test_node_tainted_for_deletion_fails_healthz_but_not_livez(lab: LabCluster) 
     lab.wait_for("/healthz 200", lambda: lab.http_get(HEALTHZ_PORT, "/healthz")[0] == 200)
 
 
-def test_restart_while_the_api_is_down_keeps_the_rules(lab: LabCluster) -> None:
+def test_restart_while_the_api_is_down_keeps_the_rules(lab: LabCluster, mode: str) -> None:
     lab.wait_proxy_ready()
     if "web-4" not in lab.echo:
         lab.add_pod("web-4", WEB)
@@ -170,7 +204,7 @@ def test_restart_while_the_api_is_down_keeps_the_rules(lab: LabCluster) -> None:
     assert answers(lab, ip, 80, {"web-4"})
     # Start again with no API server: the old rules keep serving while it retries.
     lab.api.stop()
-    lab.start_proxy("--iptables-min-sync-period=100ms")
+    start(lab, mode)
     lab.wait_for(
         "the proxy to log that the API is unreachable",
         lambda: "list failed" in lab.proxy_log.read_text(errors="replace"),
@@ -183,9 +217,14 @@ def test_restart_while_the_api_is_down_keeps_the_rules(lab: LabCluster) -> None:
     lab.wait_proxy_ready()
 
 
-def test_cleanup_removes_our_rules_and_is_idempotent(lab: LabCluster) -> None:
+def test_cleanup_removes_our_rules_and_is_idempotent(lab: LabCluster, mode: str) -> None:
     lab.wait_proxy_ready()
-    assert "KPY-SERVICES" in kernel_rules(lab)
+    if mode == "nftables":
+        # The ip6 table too when the node runs both families (one backend per family).
+        assert "table ip kube-proxy-py" in ours(lab)
+        assert "KPY-" not in ours(lab)
+    else:
+        assert ours(lab) == ["KPY-"]
     lab.stop_proxy()
     for _ in range(2):  # the second run has nothing to remove and still exits 0
         done = lab.topology.run_in(
@@ -194,4 +233,4 @@ def test_cleanup_removes_our_rules_and_is_idempotent(lab: LabCluster) -> None:
             check=False,
         )
         assert done.returncode == 0, done.stderr
-        assert "KPY-" not in kernel_rules(lab)
+        assert ours(lab) == []

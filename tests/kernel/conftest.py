@@ -269,6 +269,86 @@ def _iptables_variant(variant: str) -> BackendVariant:
     )
 
 
+_NFT_FOREIGN_TABLE = "ip DOCKER-TEST"
+_NFT_OUR_TABLES = ("table ip kube-proxy-py", "table ip6 kube-proxy-py")
+
+
+def normalise_nft_ruleset(text: str) -> list[str]:
+    """``nft list ruleset`` as one line per object, each naming its table.
+
+    A table is ``table ip NAME``; a chain ``table ip NAME chain C`` (with its hook, if
+    any); a rule ``table ip NAME chain C: RULE``; a set or map its declaration lines and
+    one line per element, sorted (the kernel prints a hash set in no stable order).
+    So a line belongs to a table when it names it, and one command of ``nft add ...``
+    gives one line.
+    """
+    out: list[str] = []
+    table = ""
+    block = ""
+    kind = ""
+    header_at = -1
+    elements: list[str] = []
+    in_elements = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if in_elements:
+            elements.extend(e.strip() for e in line.rstrip("}").split(",") if e.strip())
+            if line.endswith("}"):
+                in_elements = False
+            continue
+        if line.startswith("table ") and line.endswith("{"):
+            table = line[:-1].strip()
+            out.append(table)
+            continue
+        if line.startswith(("chain ", "set ", "map ")) and line.endswith("{"):
+            kind, _, name = line[:-1].strip().partition(" ")
+            block = f"{table} {kind} {name}"
+            out.append(block)
+            header_at = len(out) - 1
+            elements = []
+            continue
+        if line == "}":
+            if block:
+                out.extend(f"{block} element: {e}" for e in sorted(elements))
+                block = ""
+            else:
+                table = ""
+            continue
+        if line.startswith("elements = {"):
+            body = line[len("elements = {") :]
+            elements.extend(e.strip() for e in body.rstrip("}").split(",") if e.strip())
+            in_elements = not line.endswith("}")
+            continue
+        if kind == "chain" and line.startswith("type ") and header_at == len(out) - 1:
+            out[header_at] = f"{out[header_at]} {{ {line} }}"
+            continue
+        out.append(f"{block}: {line}")
+    return out
+
+
+def _nftables_variant() -> BackendVariant:
+    foreign = _NFT_FOREIGN_TABLE
+    return BackendVariant(
+        backend="nftables",
+        variant=None,
+        save_argv=("nft", "list", "ruleset"),
+        normalise=normalise_nft_ruleset,
+        owned_marker="kube-proxy-py",
+        foreign_marker="DOCKER-TEST",
+        foreign_setup=(
+            ("nft", f"add table {foreign}"),
+            ("nft", f"add chain {foreign} pre {{ type nat hook prerouting priority -100 ; }}"),
+            ("nft", f"add rule {foreign} pre ip daddr 198.18.99.1 return"),
+        ),
+        foreign_teardown=(("nft", f"delete table {foreign}"),),
+        # What a firewall that manages its own tables does to ours by mistake: delete it.
+        # (Never `nft flush ruleset`, even in a test namespace.)
+        wipe=tuple(("nft", f"delete {table}") for table in _NFT_OUR_TABLES),
+    )
+
+
 FEATURES: dict[str, str] = {
     "session-affinity": "sessionAffinity ClientIP (timeoutSeconds)",
     "external-traffic-policy-local": "externalTrafficPolicy Local (client source kept, "
@@ -289,6 +369,8 @@ FEATURES: dict[str, str] = {
 NOT_IMPLEMENTED: dict[str, set[str]] = {
     "iptables-nft": set(),
     "iptables-legacy": set(),
+    # Upstream's nftables mode has no localhost NodePorts either (no route_localnet).
+    "nftables": {"localhost-nodeports"},
 }
 """Per backend id: features it does not implement yet (their tests are strict xfail).
 
@@ -329,6 +411,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 PACKET_BACKENDS: list[BackendVariant] = [
     _iptables_variant("nft"),
     _iptables_variant("legacy"),
+    _nftables_variant(),
 ]
 """Every backend flavour the packet tests run against; a new backend joins here."""
 

@@ -23,6 +23,10 @@ VIOLATIONS: dict[str, tuple[str, str]] = {
     "Only proxy.kernel runs tools": ("proxy/_probe.py", "import subprocess"),
     "The product never imports the lab, the tests": ("proxy/_probe.py", "import lab.netns"),
     "Backends use proxy.model": ("proxy/backends/_probe.py", "import proxy.config.settings"),
+    "Backends are independent of each other": (
+        "proxy/backends/nftables/_probe.py",
+        "import proxy.backends.iptables.render",
+    ),
     "proxy.model imports nothing from proxy": ("proxy/model.py", "import proxy.parse"),
     "proxy.kernel imports nothing from proxy": ("proxy/kernel/_probe.py", "import proxy.init"),
 }
