@@ -41,10 +41,21 @@ from collections.abc import Callable
 from proxy.backends.base import Backend, BackendConfig, BackendError, register
 from proxy.backends.nftables import render
 from proxy.kernel.commands import CommandRunner, SubprocessRunner
-from proxy.kernel.nft import Nft, NftError, apply, chains_by_table, open_nft
+from proxy.kernel.nft import (
+    Nft,
+    NftError,
+    NftLibrary,
+    NftProcess,
+    apply,
+    chains_by_table,
+    open_nft,
+)
 from proxy.model import IPFamily, ProxyState, SyncHint
 
 log = logging.getLogger(__name__)
+
+LARGE_SCRIPT_BYTES = 1 << 20
+"""A full-sync script above this size goes to `nft -f -` rather than the library."""
 
 OFFENDING_CONTEXT = 2
 """Script lines shown on either side of the line nft refused."""
@@ -121,7 +132,7 @@ class NftablesBackend:
             hairpin.update(port.hairpin)
         script = render.render_full(ports, ctx, hairpin)
         rendered = self._clock()
-        self._apply(script)
+        self._apply(script, large=len(script) > LARGE_SCRIPT_BYTES)
         written = self._clock()
         chains: Counter[str] = Counter()
         for port in ports:
@@ -178,9 +189,15 @@ class NftablesBackend:
         _commit(self._chains, chain_counts)
         self._report("partial", len(hint.changed), rendered - started, written - rendered, script)
 
-    def _apply(self, script: str) -> None:
+    def _apply(self, script: str, *, large: bool = False) -> None:
+        tool = self._tool()
+        if large and isinstance(tool, NftLibrary):
+            # libnftables holds its parse of the whole script in our heap (RSS peaked at
+            # 382 MiB for the 8 MB table of 10k x 10); a process keeps that peak in the
+            # child, and loads a full table as fast (measured 2.8 s against 2.5 s).
+            tool = NftProcess(self._runner)
         try:
-            apply(self._tool(), script)
+            apply(tool, script)
         except NftError as err:
             raise BackendError(
                 f"nft refused the transaction: {err}",
