@@ -56,6 +56,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--churn-point", help="SERVICESxENDPOINTS (default: the largest point)")
     parser.add_argument("--no-upstream", action="store_true", help="skip upstream's layout floor")
     parser.add_argument("--nodes", type=int, default=0, help="nodes of the cluster-wide scenario")
+    parser.add_argument("--nodes-point", default="1000x10", help="its services x endpoints")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
@@ -78,6 +79,7 @@ def config_from(args: argparse.Namespace) -> grid.Config:
         churn_point=grid.parse_points(args.churn_point)[0] if args.churn_point else None,
         upstream=not args.no_upstream,
         nodes=args.nodes,
+        nodes_point=grid.parse_points(args.nodes_point)[0],
     )
 
 

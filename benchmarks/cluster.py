@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,16 +93,32 @@ class BenchLab:
         """Read the kernel back in the node namespace with the backend's save tool."""
         return self.topology.run_in(self.topology.node_ns, list(backend.save)).stdout
 
-    def close(self) -> None:
+    def close(self, keep_logs: Path | None = None) -> None:
+        """Stop everything; move the proxy logs to `keep_logs` (or drop them)."""
         for echo in self.echoes:
             echo.stop()
         self.api.stop()
         self.topology.destroy()
+        keep_files(self.workdir, keep_logs)
+
+
+def keep_files(workdir: Path, keep_logs: Path | None) -> None:
+    """Move the logs of a work directory to `keep_logs`, then remove it."""
+    if keep_logs is not None:
+        keep_logs.mkdir(parents=True, exist_ok=True)
+        for log in workdir.glob("*.log"):
+            shutil.move(log, keep_logs / log.name)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextmanager
-def bench_lab(real_pods: int, *, spare_pods: int = SPARE_PODS) -> Iterator[BenchLab]:
-    """A node with `real_pods` endpoint pods and `spare_pods` spare pods, all answering."""
+def bench_lab(
+    real_pods: int, *, spare_pods: int = SPARE_PODS, keep_logs: Path | None = None
+) -> Iterator[BenchLab]:
+    """A node with `real_pods` endpoint pods and `spare_pods` spare pods, all answering.
+
+    At the end the proxy logs move to `keep_logs` (when given) and the rest goes.
+    """
     cleanup_stale()
     topology = Topology.create()
     api = ApiServer(service_cidr=SERVICE_CIDR, bookmark_interval=60.0)
@@ -126,7 +143,7 @@ def bench_lab(real_pods: int, *, spare_pods: int = SPARE_PODS) -> Iterator[Bench
             echo.wait_listening(timeout=60.0)
         yield lab
     finally:
-        lab.close()
+        lab.close(keep_logs)
 
 
 def populate(lab: BenchLab, specs: Sequence[ServiceSpec]) -> None:

@@ -105,16 +105,19 @@ def programming_table(doc: dict[str, Any]) -> list[str]:
 
 def cluster_table(doc: dict[str, Any]) -> list[str]:
     lines = [
-        "| backend | nodes | services x endpoints | status | changes | lost |"
-        " p50 / p90 / p99 s (every node) |",
-        "|---|---|---|---|---|---|---|",
+        "| backend | nodes | services x endpoints | status | (change, node) pairs | lost |"
+        " end to end p50 / p90 / p99 s | proxies' histograms p50 / p90 / p99 s (count) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for backend, c in doc.get("cluster", {}).items():
         s = c["summary"]
+        h = c.get("proxy_histogram", {})
         lines.append(
             f"| {backend} | {c['nodes']} | {c['services']}x{c['endpoints']} | {c['status']} "
             f"{c['detail']} | {c['changes']} | {c['lost']} | "
-            f"{_s(s['p50'])} / {_s(s['p90'])} / {_s(s['p99'])} |"
+            f"{_s(s['p50'])} / {_s(s['p90'])} / {_s(s['p99'])} | "
+            f"{_s(h.get('p50'))} / {_s(h.get('p90'))} / {_s(h.get('p99'))} "
+            f"({h.get('count') or 0:.0f}) |"
         )
     return lines
 

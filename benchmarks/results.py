@@ -125,6 +125,9 @@ class ClusterResult:
     """API write -> that node forwards by the new rule, every (change, node) pair."""
     lost: int = 0
     changes: int = 0
+    """(change, node) pairs: every change is expected on every node."""
+    proxy_histogram: dict[str, float | None] = field(default_factory=dict)
+    """p50/p90/p99 and count of every node's network programming histogram, summed."""
 
 
 @dataclass
@@ -194,4 +197,10 @@ def validate(doc: dict[str, Any]) -> list[str]:
         for backend, prog in doc[name].items():
             if len(prog["latencies"]) + prog["lost"] != prog["changes"]:
                 problems.append(f"{name} {backend}: seen + lost != written")
+    for backend, cluster in doc.get("cluster", {}).items():
+        if (
+            cluster["status"] == "ok"
+            and len(cluster["latencies"]) + cluster["lost"] != cluster["changes"]
+        ):
+            problems.append(f"cluster {backend}: seen + lost != written x nodes")
     return problems

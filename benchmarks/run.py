@@ -59,7 +59,8 @@ def run_grid(
     result.churn_point = churn_point.label if churn_point else ""
     for point in config.points:
         progress.set(point=point.label, phase="building the lab")
-        with bench_lab(min(point.endpoints, REAL_PODS)) as lab:
+        logs = config.out / "logs" / point.label
+        with bench_lab(min(point.endpoints, REAL_PODS), keep_logs=logs) as lab:
             specs = services(point.services, endpoint_addresses(lab.endpoint_ips, point.endpoints))
             progress.set(phase=f"populating the API ({point.services} services)")
             populate(lab, specs)
@@ -95,7 +96,9 @@ def run_grid(
     if config.nodes:
         for backend in backends:
             progress.set(backend=backend.name, point=f"{config.nodes} nodes", phase="cluster-wide")
-            result.cluster[backend.name] = cluster_wide.measure(config, backend, progress)
+            result.cluster[backend.name] = cluster_wide.measure(
+                config, backend, progress, keep_logs=config.out / "logs" / "cluster"
+            )
             result.write(config.out / "results.json")
 
 

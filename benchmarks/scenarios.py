@@ -309,11 +309,13 @@ def churn_service_name(index: int) -> str:
     return f"churn{index}"
 
 
-def churn_slice(lab: BenchLab, index: int, generation: int, *, stamp: bool) -> dict[str, object]:
+def churn_slice(
+    lab: BenchLab, index: int, generation: int, *, stamp: bool, prefix: str = "churn"
+) -> dict[str, object]:
     spare_ip = lab.spare[index % 2][1]
     port = SPARE_PORTS[generation % len(SPARE_PORTS)]
     return slice_body(
-        churn_service_name(index),
+        f"{prefix}{index}",
         [(spare_ip, True)],
         node=lab.node_name,
         port=port,
@@ -332,25 +334,33 @@ def churn_services(lab: BenchLab, first_vip: int) -> list[tuple[ServiceSpec, dic
     ]
 
 
-class _Generations:
+class Generations:
     """What was written to each churn service, and what the kernel was seen to hold."""
 
-    def __init__(self, first_vip: int) -> None:
+    def __init__(self, first_vip: int, services: int = CHURN_SERVICES) -> None:
         self.lock = threading.Lock()
         self.first_vip = first_vip
-        self.written = [0] * CHURN_SERVICES
-        self.pending: list[list[tuple[int, float]]] = [[] for _ in range(CHURN_SERVICES)]
+        self.written = [0] * services
+        self.pending: list[list[tuple[int, float]]] = [[] for _ in range(services)]
         self.latencies: list[float] = []
 
-    def write(self, lab: BenchLab, index: int) -> None:
+    def next_generation(self, index: int) -> int:
         with self.lock:
             self.written[index] += 1
-            generation = self.written[index]
+            return self.written[index]
+
+    def record(self, index: int, generation: int, written: float) -> None:
+        """Generation `generation` of service `index` was written at `written`."""
+        with self.lock:
+            self.written[index] = max(self.written[index], generation)
+            self.pending[index].append((generation, written))
+
+    def write(self, lab: BenchLab, index: int) -> None:
+        generation = self.next_generation(index)
         body = churn_slice(lab, index, generation, stamp=True)
         written = time.monotonic()
         replace_slice(lab, body)
-        with self.lock:
-            self.pending[index].append((generation, written))
+        self.record(index, generation, written)
 
     def observe(self, index: int, port: int, when: float) -> None:
         """A reply on `port`: the generation it stands for, and every one before it, is in."""
@@ -371,7 +381,7 @@ class _Generations:
             return [i for i, queue in enumerate(self.pending) if queue]
 
 
-def _probe_round(lab: BenchLab, gens: _Generations) -> None:
+def probe_round(lab: BenchLab, gens: Generations) -> None:
     for index in gens.waiting():
         sent = time.monotonic()
         reply = probe(lab.topology.client_ns, vip(gens.first_vip + index), 80, "tcp", timeout=0.3)
@@ -383,11 +393,11 @@ def _programming(
     lab: BenchLab,
     run: ProxyRun,
     first_vip: int,
-    write: Callable[[_Generations], int],
+    write: Callable[[Generations], int],
 ) -> Programming:
     result = Programming()
     before = stats.histogram(lab.metrics_text(), NPL)
-    gens = _Generations(first_vip)
+    gens = Generations(first_vip)
     began = time.monotonic()
     writer_done = threading.Event()
     written = [0]
@@ -406,7 +416,7 @@ def _programming(
         if not run.alive():
             raise ProxyDiedError(f"the proxy exited; see {run.log_path}")
         count = len(gens.latencies)
-        _probe_round(lab, gens)
+        probe_round(lab, gens)
         if len(gens.latencies) > count:
             last_seen = time.monotonic()
         if writer_done.is_set():
@@ -436,7 +446,7 @@ def churn(
 ) -> Programming:
     """`rate` changes/s, round robin over the churn services, for `seconds`."""
 
-    def write(gens: _Generations) -> int:
+    def write(gens: Generations) -> int:
         start = time.monotonic()
         total = round(rate * seconds)
         for number in range(total):
@@ -451,7 +461,7 @@ def churn(
 def burst(lab: BenchLab, run: ProxyRun, first_vip: int, *, count: int) -> Programming:
     """`count` changes written back to back, round robin over the churn services."""
 
-    def write(gens: _Generations) -> int:
+    def write(gens: Generations) -> int:
         for number in range(count):
             gens.write(lab, number % CHURN_SERVICES)
         return count
