@@ -7,7 +7,8 @@ cost (a fixed part plus one proportional to the endpoints it holds) and scales t
 weights by the time the finished ones actually took.
 
 Concurrency: `Progress` methods are called from the harness's main thread only; rich's
-refresh thread reads the state under rich's own lock via `Live.update`.
+refresh thread calls `_render`, which only reads plain attributes (a torn read shows a
+stale line for a quarter of a second, nothing worse).
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self.live_mode:
-            self._live = Live(self._render(), console=self.console, refresh_per_second=4)
+            # get_renderable: rich's refresh thread redraws from the current state, so the
+            # clock and the ETA move during a long phase too.
+            self._live = Live(
+                console=self.console, refresh_per_second=4, get_renderable=self._render
+            )
             self._live.__enter__()
         return self
 
@@ -86,7 +91,7 @@ class Progress:
 
     def _refresh(self) -> None:
         if self._live is not None:
-            self._live.update(self._render())
+            self._live.refresh()
 
     def set(self, *, backend: str | None = None, point: str | None = None, phase: str) -> None:
         """A new phase begins."""
