@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("python -m benchmarks: run as root (network namespaces, iptables)", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C: every `finally` runs, so the proxies stop, their rules
+    # go (--cleanup) and every namespace is deleted.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     config = config_from(args)
     unknown = [name for name in config.backends if name not in {b.name for b in BACKENDS}]
     if unknown:

@@ -183,6 +183,7 @@ def measure_point(
             samples=config.samples,
             sync_period=config.sync_period,
             spacing=config.spacing,
+            min_sync_period=config.min_sync_period,
             on_sample=lambda n: progress.note(f"{n}/{config.samples}"),
         )
         summary = entry.summary()["changes"]

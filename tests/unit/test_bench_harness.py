@@ -14,7 +14,9 @@ import pytest
 
 from benchmarks import grid, markdown, plots, stats, upstream
 from benchmarks.backends import BACKENDS, available, count_iptables_endpoints
+from benchmarks.cluster import SPARE_PORTS
 from benchmarks.results import validate
+from benchmarks.scenarios import Generations
 from benchmarks.workload import ServiceSpec, endpoint_addresses, services, vip
 
 
@@ -221,3 +223,23 @@ def test_validation_catches_a_timed_run_whose_read_back_did_not_match() -> None:
     doc = _doc()
     doc["churn"]["iptables-legacy"]["lost"] = 1
     assert validate(doc) == ["churn iptables-legacy: seen + lost != written"]
+
+
+def test_a_reply_marks_its_generation_and_every_earlier_one_programmed() -> None:
+    gens = Generations(first_vip=0, services=2)
+    for generation, written in ((1, 10.0), (2, 11.0), (3, 12.0)):
+        gens.record(0, generation, written)
+    gens.observe(0, SPARE_PORTS[0], 12.5)  # generation 0 still answers: nothing is in
+    assert gens.latencies == [] and gens.waiting() == [0]
+    gens.observe(0, SPARE_PORTS[2], 13.0)  # generation 2 answers: 1 and 2 are in
+    assert gens.latencies == [3.0, 2.0]
+    gens.observe(0, SPARE_PORTS[3], 14.0)
+    assert gens.latencies == [3.0, 2.0, 2.0] and gens.waiting() == []
+
+
+def test_ports_repeat_after_a_full_cycle_and_map_to_the_newest_generation() -> None:
+    gens = Generations(first_vip=0, services=1)
+    cycle = len(SPARE_PORTS)
+    gens.record(0, cycle + 1, 100.0)  # generations up to cycle were seen before
+    gens.observe(0, SPARE_PORTS[1], 101.0)
+    assert gens.latencies == [1.0]
