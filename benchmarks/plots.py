@@ -38,7 +38,7 @@ def _panels(doc: dict[str, Any]) -> dict[int, dict[str, list[dict[str, Any]]]]:
 
 
 def _figure(count: int) -> tuple[Figure, list[Axes]]:
-    fig, axes = plt.subplots(1, max(count, 1), figsize=(5 * max(count, 1), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, max(count, 1), figsize=(max(6.0, 5.0 * count), 4.8), squeeze=False)
     return fig, list(axes[0])
 
 
@@ -111,7 +111,7 @@ def changes(doc: dict[str, Any], path: Path) -> None:
     _finish(
         fig,
         axes,
-        "One endpoint change (mean of add / remove / unready): API write -> forwarded",
+        "One endpoint change, API write -> forwarded\n(mean of add / remove / unready)",
         "seconds",
         path,
     )
