@@ -56,6 +56,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--churn-point", help="SERVICESxENDPOINTS (default: the largest point)")
     parser.add_argument("--no-upstream", action="store_true", help="skip upstream's layout floor")
+    parser.add_argument(
+        "--kopf",
+        metavar="PYTHON",
+        help="an interpreter with kopf installed: compare its on.event ingest at every point",
+    )
     parser.add_argument("--nodes", type=int, default=0, help="nodes of the cluster-wide scenario")
     parser.add_argument("--nodes-point", default="1000x10", help="its services x endpoints")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -65,7 +70,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def config_from(args: argparse.Namespace) -> grid.Config:
     names = tuple(name.strip() for name in args.backends.split(",") if name.strip())
     if args.quick:
-        return grid.quick(args.out, names)
+        return grid.quick(args.out, names, args.kopf)
     return grid.Config(
         points=grid.parse_points(args.grid) if args.grid else grid.FULL_GRID,
         backends=names,
@@ -79,6 +84,7 @@ def config_from(args: argparse.Namespace) -> grid.Config:
         burst=args.burst,
         churn_point=grid.parse_points(args.churn_point)[0] if args.churn_point else None,
         upstream=not args.no_upstream,
+        kopf=args.kopf,
         nodes=args.nodes,
         nodes_point=grid.parse_points(args.nodes_point)[0],
     )

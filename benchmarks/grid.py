@@ -91,6 +91,8 @@ class Config:
     """Where churn and burst run (None: the largest point with at least 10 endpoints)."""
     upstream: bool = True
     """Also time upstream kube-proxy's ruleset layout with the raw tool."""
+    kopf: str | None = None
+    """An interpreter that has kopf: its `on.event` ingest is measured at every point."""
     nodes: int = 0
     """Nodes of the cluster-wide scenario (0: skip it)."""
     nodes_point: Point = field(default=Point(1000, 10))
@@ -104,7 +106,7 @@ class Config:
         return max(tens, key=lambda p: (p.services, p.size)) if tens else None
 
 
-def quick(out: Path, backends: tuple[str, ...]) -> Config:
+def quick(out: Path, backends: tuple[str, ...], kopf: str | None = None) -> Config:
     """The CI smoke test's configuration: every scenario once, tiny."""
     return Config(
         points=QUICK_GRID,
@@ -122,6 +124,7 @@ def quick(out: Path, backends: tuple[str, ...]) -> Config:
         churn_seconds=1.0,
         burst=20,
         churn_point=QUICK_GRID[-1],
+        kopf=kopf,
         nodes=2,
         nodes_point=Point(20, 2),
     )

@@ -128,6 +128,34 @@ def cluster_table(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def kopf_table(doc: dict[str, Any]) -> list[str]:
+    """kopf's on.event ingest next to our list + watch, per point (CPU from process start)."""
+    lines = [
+        "| services x endpoints | objects each | kopf: all seen after s | kopf CPU s |"
+        " kopf peak RSS MiB | ours: both lists in after s | ours CPU s | kopf CPU / ours |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, kopf in doc.get("kopf", {}).items():
+        ours = [
+            p
+            for p in doc["points"]
+            if _label(p) == label and p["convergence"] and p["convergence"][0]["cpu_list_watch"]
+        ]
+        first = ours[0]["convergence"][0] if ours else {}
+        listed = first.get("milestones", {}).get("slices listed") if first else None
+        cpu = first.get("cpu_list_watch") if first else None
+        if not kopf.get("ok"):
+            lines.append(f"| {label} | - | failed: {kopf.get('detail', '')[:80]} | | | | | |")
+            continue
+        ratio = kopf["cpu_seconds"] / cpu if cpu else None
+        lines.append(
+            f"| {label} | {kopf['services']} | {_s(kopf['wall_seconds'])} | "
+            f"{_s(kopf['cpu_seconds'])} | {_s(kopf['peak_rss_mib'], 0)} | {_s(listed)} | "
+            f"{_s(cpu)} | {_s(ratio, 1)} |"
+        )
+    return lines
+
+
 def _find(doc: dict[str, Any], backend: str, label: str) -> dict[str, Any] | None:
     for point in doc["points"]:
         if point["backend"] == backend and _label(point) == label and point["status"] == "ok":
@@ -200,6 +228,8 @@ def render(doc: dict[str, Any]) -> str:
             "",
         ]
         parts += programming_table(doc)
+    if doc.get("kopf"):
+        parts += ["", "## kopf's on.event ingest next to our list + watch", "", *kopf_table(doc)]
     if doc.get("cluster"):
         parts += ["", "## Cluster-wide network programming", "", *cluster_table(doc)]
     parts += ["", "## Targets", "", *targets(doc), ""]

@@ -144,6 +144,8 @@ class RunResult:
     burst: dict[str, Programming] = field(default_factory=dict)
     churn_point: str = ""
     cluster: dict[str, ClusterResult] = field(default_factory=dict)
+    kopf: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Grid point -> what `benchmarks.kopf_ingest` printed (or why it failed)."""
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:

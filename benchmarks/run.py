@@ -16,15 +16,19 @@ what it measured; the Markdown and plots are rendered from that file at the end.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import shlex
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from benchmarks import cluster_wide, upstream
 from benchmarks.backends import Backend, count_upstream_endpoints
-from benchmarks.cluster import BenchLab, ProxyRun, add_service, bench_lab, populate
+from benchmarks.cluster import REPO, BenchLab, ProxyRun, add_service, bench_lab, populate
 from benchmarks.floors import kernel_floor, upstream_floor
 from benchmarks.grid import Config, Point
 from benchmarks.progress import Progress, weight
@@ -69,6 +73,11 @@ def run_grid(
             for spec, body in churn_services(lab, first_churn):
                 add_service(lab, spec, body)
             expected = point.size + 1 + CHURN_SERVICES
+            if config.kopf:
+                progress.set(phase="kopf on.event ingest of the same objects")
+                count = point.services + 1 + CHURN_SERVICES
+                result.kopf[point.label] = kopf_ingest(lab, config.kopf, count)
+                progress.result(f"{point.label}: kopf on.event: {result.kopf[point.label]}")
             for backend in backends:
                 entry = PointResult(backend.name, point.services, point.endpoints)
                 result.points.append(entry)
@@ -100,6 +109,29 @@ def run_grid(
                 config, backend, progress, keep_logs=config.out / "logs" / "cluster"
             )
             result.write(config.out / "results.json")
+
+
+def kopf_ingest(lab: BenchLab, python: str, objects: int) -> dict[str, Any]:
+    """Run `benchmarks.kopf_ingest` with `python` in the node namespace; what it printed."""
+    argv = ["ip", "netns", "exec", lab.topology.node_ns, python, "-m", "benchmarks.kopf_ingest"]
+    env = {**os.environ, "KUBECONFIG": str(lab.kubeconfig), "PYTHONPATH": str(REPO)}
+    try:
+        done = subprocess.run(
+            [*argv, str(objects), str(objects)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=900,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "detail": "did not finish in 900 s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"ok": False, "detail": done.stderr[-300:]}
+    parsed: dict[str, Any] = json.loads(lines[-1])
+    return parsed
 
 
 def measure_point(

@@ -15,7 +15,9 @@ Called in order by the runner (`benchmarks.run`) with one live `ProxyRun`:
    from the client namespace (a packet verifies every sample): an added endpoint or
    service counts as programmed at the first connection it answers; a removed or unready
    endpoint at the first of `STREAK` consecutive connections that all avoided it (the
-   chance that the old rules produce such a streak is 2**-24). The next change is
+   chance that the old rules produce such a streak is 2**-24; the streak may have begun a
+   few connections, about 3 ms each, before the rule changed, which matters only when
+   the latency itself is a few ms). The next change is
    written 1.1-1.6 s after the last one was seen, past the proxy's default
    --iptables-min-sync-period (1 s), so each is measured alone; periodic syncs (the
    harness runs the proxy with a short --iptables-sync-period) fall inside the run.
