@@ -38,7 +38,11 @@ def convergence_table(doc: dict[str, Any]) -> list[str]:
         floor_s = summary["floor_s"]
         up = summary["upstream_floor_s"]
         up_ratio = up / floor_s if up and floor_s else None
-        status = point["status"] if point["status"] == "ok" else f"**{point['status']}**"
+        status = (
+            point["status"]
+            if point["status"] == "ok"
+            else f"**{point['status']}**: {point['detail']}"
+        )
         floor_peak = point["floor"][0]["tool_peak_mib"] if point["floor"] else None
         lines.append(
             f"| {point['backend']} | {_label(point)} | {status} | "
@@ -213,6 +217,14 @@ def render(doc: dict[str, Any]) -> str:
         f"{', '.join(f'{x:.2f}' for x in m['load_at_start'])}",
         "",
     ]
+    c = doc["config"]
+    if c:
+        parts.append(
+            f"- {c.get('samples')} one-change samples of each kind per point; first convergence "
+            f"deadline {c.get('deadline')} s; the proxy's sync period {c.get('sync_period')} s, "
+            f"min sync period {c.get('min_sync_period')} s; {c.get('repeat')} convergence(s) "
+            "per point (median)"
+        )
     parts += [f"- {line}" for line in doc["skipped"] + doc.get("notes", [])]
     parts += ["", "## First convergence and floors", "", *convergence_table(doc)]
     parts += [
