@@ -85,9 +85,12 @@ def changes_table(doc: dict[str, Any]) -> list[str]:
         p50s = [figures[k]["p50"] for k in KINDS[:3] if k in figures and figures[k]["p50"]]
         touch = point["summary"]["touch_floor_s"]
         ratio = sum(p50s) / len(p50s) / touch if p50s and touch else None
+        busy = point.get("lock_busy", 0)
+        note = f" (xtables lock held elsewhere {busy} times)" if busy else ""
         lines.append(
-            f"| {point['backend']} | {_label(point)} | " + " | ".join(cells) + f" | {count} | "
-            f"{_s(ratio, 1)} | "
+            f"| {point['backend']} | {_label(point)}{note} | "
+            + " | ".join(cells)
+            + f" | {count} | {_s(ratio, 1)} | "
             f"{changes['partial_syncs']} / {changes['full_syncs']} | "
             f"{changes['span_sync_periods']:.1f} |"
         )

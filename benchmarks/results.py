@@ -73,6 +73,9 @@ class PointResult:
     floor: list[Floor] = field(default_factory=list)
     upstream: Floor | None = None
     changes: Changes | None = None
+    lock_busy: int = 0
+    """Times the proxy found the host-wide xtables lock held by another process (its log's
+    "xtables lock busy"): contention from outside this run, which its figures include."""
 
     def seconds(self) -> float | None:
         """Median first convergence over the repetitions that succeeded."""

@@ -48,6 +48,8 @@ from benchmarks.workload import REAL_PODS, ServiceSpec, endpoint_addresses, serv
 from lab.netns import CLUSTER_CIDR
 
 VIP_SAMPLE = 50
+LOCK_BUSY = "xtables lock busy"
+"""What the proxy logs when another process holds the host-wide xtables lock."""
 
 
 def now() -> str:
@@ -252,6 +254,15 @@ def measure_point(
         if run is not None:
             progress.set(phase="stopping the proxy, --cleanup")
             run.stop()
+        entry.lock_busy = sum(
+            log.read_text(errors="replace").count(LOCK_BUSY)
+            for log in lab.workdir.glob(f"proxy-{backend.name}-{point.label}-*.log")
+        )
+        if entry.lock_busy:
+            progress.result(
+                f"{backend.name} {point.label}: the xtables lock was held by another process "
+                f"{entry.lock_busy} times during this point (contention from outside the run)"
+            )
 
 
 def main_run(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import grid, markdown, plots, stats, upstream
+from benchmarks import grid, markdown, plots, report, stats, upstream
 from benchmarks.backends import BACKENDS, available, count_iptables_endpoints
 from benchmarks.cluster import SPARE_PORTS
 from benchmarks.results import validate
@@ -243,3 +243,15 @@ def test_ports_repeat_after_a_full_cycle_and_map_to_the_newest_generation() -> N
     gens.record(0, cycle + 1, 100.0)  # generations up to cycle were seen before
     gens.observe(0, SPARE_PORTS[1], 101.0)
     assert gens.latencies == [1.0]
+
+
+def test_reports_of_several_runs_merge_point_by_point() -> None:
+    first, second = _doc(), _doc()
+    first["points"] = first["points"][1:]  # 10000x10
+    second["points"] = second["points"][:1]  # 5000x10
+    second["command"] = ".venv/bin/python -m benchmarks --grid 5000x10"
+    merged = report.merge([first, second])
+    assert [p["services"] for p in merged["points"]] == [5000, 10000]
+    assert "--grid 5000x10" in merged["command"]
+    assert validate(merged) == []
+    assert "| growth 5k -> 10k (x 10) | 2.25 x |" in markdown.render(merged)
