@@ -1,7 +1,7 @@
 """`python -m benchmarks`: the benchmark harness (run as root).
 
     .venv/bin/python -m benchmarks [--quick] [--grid 100x1,1000x10] [--backends ...]
-        [--samples 100] [--deadline 600] [--repeat 1] [--out benchmarks/out]
+        [--samples 100] [--deadline 600] [--repeat 1] [--out benchmarks/results]
 
 Runs the grid (`benchmarks.grid`) for every backend that exists here
 (`benchmarks.backends`), with a live progress display, and writes to `--out`:
@@ -27,7 +27,8 @@ from benchmarks.backends import BACKENDS, available
 from benchmarks.results import validate
 from benchmarks.run import main_run
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+"""Scratch output (git-ignored); the published run lives in benchmarks/latest/."""
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

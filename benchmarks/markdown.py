@@ -220,14 +220,15 @@ def render(doc: dict[str, Any]) -> str:
         f"{', '.join(f'{x:.2f}' for x in m['load_at_start'])}",
         "",
     ]
-    c = doc["config"]
-    if c:
-        parts.append(
-            f"- {c.get('samples')} one-change samples of each kind per point; first convergence "
-            f"deadline {c.get('deadline')} s; the proxy's sync period {c.get('sync_period')} s, "
-            f"min sync period {c.get('min_sync_period')} s; {c.get('repeat')} convergence(s) "
-            "per point (median)"
-        )
+    for c in doc["config"].get("runs", [doc["config"]]):
+        if c:
+            parts.append(
+                f"- {c.get('samples')} one-change samples of each kind per point; first "
+                f"convergence deadline {c.get('deadline')} s; the proxy's sync period "
+                f"{c.get('sync_period')} s, min sync period {c.get('min_sync_period')} s; "
+                f"{c.get('repeat')} convergence(s) per point (median); grid "
+                f"{', '.join(c.get('points', []))}"
+            )
     parts += [f"- {line}" for line in doc["skipped"] + doc.get("notes", [])]
     parts += ["", "## First convergence and floors", "", *convergence_table(doc)]
     parts += [

@@ -23,6 +23,7 @@ from benchmarks.results import validate
 def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
     """One document out of several runs (the first one's machine and config)."""
     merged: dict[str, Any] = json.loads(json.dumps(docs[0]))
+    merged["config"] = {"runs": [doc["config"] for doc in docs]}
     for doc in docs[1:]:
         merged["command"] += f"`; `{doc['command']}"
         merged["finished"] = max(merged["finished"], doc["finished"])
@@ -35,7 +36,6 @@ def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
                 merged[key][name] = value
         if doc.get("churn"):
             merged["churn_point"] = doc["churn_point"]
-        merged["config"] = {**merged["config"], "merged": True}
     merged["points"].sort(key=lambda p: (p["services"] * p["endpoints"], p["services"]))
     return merged
 
