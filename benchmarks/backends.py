@@ -12,9 +12,10 @@ other branches) is skipped with a line saying so, never an error.
 
 Read-back counts are exact for the iptables entries (one ``KPY-SEP-`` chain per
 programmed endpoint, the renderer's contract, which `tests/unit` pins). The nftables
-entry counts one ``dnat`` per endpoint element or chain; it is written ahead of its
-backend and may need its `count` adjusted when that backend lands: a mismatch shows up
-as a failed read-back, never as a figure.
+entry counts the elements of the backend's endpoint maps (``ip-endpoints-<proto>``, one
+element per endpoint of a service port, as its renderer documents); it was written
+against that design from another branch, and a mismatch shows up as a failed
+read-back, never as a figure.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from proxy.backends import base
 
 _SEP_CHAIN = re.compile(r"^:KPY-SEP-", re.MULTILINE)
 _UPSTREAM_SEP_CHAIN = re.compile(r"^:KUBE-SEP-", re.MULTILINE)
-_NFT_ENDPOINT = re.compile(r"\bdnat\b")
 
 
 def count_iptables_endpoints(saved: str) -> int:
@@ -41,8 +41,22 @@ def count_upstream_endpoints(saved: str) -> int:
 
 
 def count_nft_endpoints(saved: str) -> int:
-    """Endpoints programmed by an nftables ruleset: one DNAT (rule or map element) each."""
-    return len(_NFT_ENDPOINT.findall(saved))
+    """Endpoints programmed by the nftables backend: one element of an endpoint map each.
+
+    `nft list ruleset` prints ``map ip-endpoints-<proto> { type ... elements = { K : V,
+    ... } }`` with elements spread over lines; each element is one ``K : V`` pair.
+    """
+    count = 0
+    inside = False
+    for line in saved.splitlines():
+        word = line.strip()
+        if word.startswith(("map ip-endpoints-", "map ip6-endpoints-")):
+            inside = True
+        elif inside and word == "}":
+            inside = False
+        elif inside and not word.startswith("type "):
+            count += word.count(" : ")
+    return count
 
 
 IPTABLES_TOUCH = "*nat\n:KPY-BENCH-TOUCH - [0:0]\n-X KPY-BENCH-TOUCH\nCOMMIT\n"

@@ -347,7 +347,14 @@ def log_milestones(text: str, started: float) -> dict[str, float]:
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
-    """One sample's value from an exposition (0 when absent)."""
-    pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", re.MULTILINE)
-    match = pattern.search(text)
-    return float(match.group(1)) if match else 0.0
+    """One sample's value from an exposition (0 when absent).
+
+    Without `labels`, the sum over every label set of `name`: upstream's sync metrics
+    carry `ip_family`, and one family runs here, so the sum is that family's value.
+    """
+    if labels:
+        pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", re.MULTILINE)
+        match = pattern.search(text)
+        return float(match.group(1)) if match else 0.0
+    pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
+    return sum(float(value) for value in pattern.findall(text))

@@ -13,8 +13,13 @@ from typing import Any
 import pytest
 
 from benchmarks import grid, markdown, plots, report, stats, upstream
-from benchmarks.backends import BACKENDS, available, count_iptables_endpoints
-from benchmarks.cluster import SPARE_PORTS
+from benchmarks.backends import (
+    BACKENDS,
+    available,
+    count_iptables_endpoints,
+    count_nft_endpoints,
+)
+from benchmarks.cluster import SPARE_PORTS, metric
 from benchmarks.results import validate
 from benchmarks.scenarios import Generations
 from benchmarks.workload import ServiceSpec, endpoint_addresses, services, vip
@@ -255,3 +260,40 @@ def test_reports_of_several_runs_merge_point_by_point() -> None:
     assert "--grid 5000x10" in merged["command"]
     assert validate(merged) == []
     assert "| growth 5k -> 10k (x 10) | 2.25 x |" in markdown.render(merged)
+
+
+NFT_SAVED = """\
+table ip kube-proxy-py {
+\tmap ip-endpoints-tcp {
+\t\ttype ipv4_addr . inet_service . mark : ipv4_addr . inet_service
+\t\telements = { 198.19.0.1 . 80 . 0x00000000 : 198.18.64.10 . 8080,
+\t\t\t     198.19.0.2 . 80 . 0x00000000 : 198.18.64.10 . 8080,
+\t\t\t     198.19.0.1 . 80 . 0x00000001 : 198.18.64.11 . 8080 }
+\t}
+
+\tmap ip-endpoints-udp {
+\t\ttype ipv4_addr . inet_service . mark : ipv4_addr . inet_service
+\t}
+
+\tmap service-ips {
+\t\ttype ipv4_addr . inet_proto . inet_service : verdict
+\t\telements = { 198.19.0.1 . tcp . 80 : goto cluster-tcp-2 }
+\t}
+}
+"""
+
+
+def test_nftables_read_back_counts_endpoint_map_elements() -> None:
+    assert count_nft_endpoints(NFT_SAVED) == 3
+
+
+def test_metrics_are_summed_over_label_sets_unless_labels_are_given() -> None:
+    text = (
+        'kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} 12.5\n'
+        'kubeproxy_py_sync_phase_duration_seconds_sum{phase="write"} 3.0\n'
+        "plain_metric 2.0\n"
+    )
+    assert metric(text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") == 12.5
+    assert metric(text, "plain_metric") == 2.0
+    assert metric(text, "kubeproxy_py_sync_phase_duration_seconds_sum", '{phase="write"}') == 3.0
+    assert metric(text, "absent") == 0.0
