@@ -54,7 +54,7 @@ def count_nft_endpoints(saved: str) -> int:
             inside = True
         elif inside and word == "}":
             inside = False
-        elif inside and not word.startswith("type "):
+        elif inside and not word.startswith("type"):  # `type` or `typeof` K : V
             count += word.count(" : ")
     return count
 

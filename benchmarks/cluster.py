@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,15 +346,19 @@ def log_milestones(text: str, started: float) -> dict[str, float]:
     return found
 
 
-def metric(text: str, name: str, labels: str = "") -> float:
+def metric(
+    text: str, name: str, labels: str = "", combine: Callable[[list[float]], float] = sum
+) -> float:
     """One sample's value from an exposition (0 when absent).
 
-    Without `labels`, the sum over every label set of `name`: upstream's sync metrics
-    carry `ip_family`, and one family runs here, so the sum is that family's value.
+    Without `labels`, `combine` (sum: counts; max: timestamps) over every label set of
+    `name`: upstream's sync metrics carry `ip_family`, and a node with IPv6 runs one
+    backend per family even when every service here is IPv4.
     """
     if labels:
         pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", re.MULTILINE)
         match = pattern.search(text)
         return float(match.group(1)) if match else 0.0
     pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
-    return sum(float(value) for value in pattern.findall(text))
+    values = [float(value) for value in pattern.findall(text)]
+    return combine(values) if values else 0.0

@@ -265,7 +265,7 @@ def test_reports_of_several_runs_merge_point_by_point() -> None:
 NFT_SAVED = """\
 table ip kube-proxy-py {
 \tmap ip-endpoints-tcp {
-\t\ttype ipv4_addr . inet_service . mark : ipv4_addr . inet_service
+\t\ttypeof ip daddr . tcp dport . numgen random mod 1 : ip daddr . tcp dport
 \t\telements = { 198.19.0.1 . 80 . 0x00000000 : 198.18.64.10 . 8080,
 \t\t\t     198.19.0.2 . 80 . 0x00000000 : 198.18.64.10 . 8080,
 \t\t\t     198.19.0.1 . 80 . 0x00000001 : 198.18.64.11 . 8080 }
@@ -297,3 +297,5 @@ def test_metrics_are_summed_over_label_sets_unless_labels_are_given() -> None:
     assert metric(text, "plain_metric") == 2.0
     assert metric(text, "kubeproxy_py_sync_phase_duration_seconds_sum", '{phase="write"}') == 3.0
     assert metric(text, "absent") == 0.0
+    both = text + 'kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv6"} 11.0\n'
+    assert metric(both, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", combine=max) == 12.5
